@@ -1,0 +1,47 @@
+"""Turning model outputs into image files: uint8 conversion, grids, PNG and NPZ."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """[N, C, H, W] floats in [-1, 1] -> uint8 array [N, H, W, C] (0..255)."""
+    x = ((images.detach().float().cpu().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()  # NCHW -> NHWC
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, min_tile: int = 32) -> np.ndarray:
+    """Tile uint8 images [N, H, W, C] into one [H', W', C] picture.
+
+    Small images are enlarged by an integer factor (nearest neighbour) so each tile is at
+    least ``min_tile`` pixels wide: an 8x8 digit becomes a readable 32x32 tile.
+    """
+    n, h, w, c = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    ncol = math.ceil(n / nrow)
+    scale = max(1, math.ceil(min_tile / max(h, w)))
+    tiles = images.repeat(scale, axis=1).repeat(scale, axis=2)  # [N, H*s, W*s, C]
+    pad = 2
+    th, tw = h * scale + pad, w * scale + pad
+    grid = np.full((ncol * th + pad, nrow * tw + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[
+            pad + r * th : pad + r * th + h * scale, pad + col * tw : pad + col * tw + w * scale
+        ] = tiles[i]
+    return grid
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write a uint8 [H, W, C] array (C = 1 or 3) as PNG, creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    return path

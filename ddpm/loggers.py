@@ -1,0 +1,78 @@
+"""Logger construction, with W&B that never blocks on a login prompt."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, open_dict
+
+
+def wandb_has_credentials() -> bool:
+    """True when W&B could log in without asking: an API key in the environment, an
+    identity-token file, or a netrc entry for the W&B host (what ``wandb login`` writes)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    candidates = [os.environ.get("NETRC"), "~/.netrc", "~/_netrc"]
+    for candidate in filter(None, candidates):
+        path = Path(candidate).expanduser()
+        if not path.exists():
+            continue
+        try:
+            auth = netrc.netrc(path).authenticators(host)
+        except (netrc.NetrcParseError, OSError):
+            return False
+        return bool(auth and auth[2])
+    return False
+
+
+def build_loggers(cfg: DictConfig | None, group: str | None = None) -> list[Logger]:
+    """Instantiate every logger under ``cfg`` (a dict of ``_target_`` nodes).
+
+    W&B runs online only when ``WANDB_MODE`` says so or credentials exist; otherwise it
+    runs offline and says how to upload the run later. ``group`` groups multirun jobs.
+    """
+    loggers: list[Logger] = []
+    for name, node in (cfg or {}).items():
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        if node._target_.endswith("WandbLogger"):
+            node = node.copy()
+            with open_dict(node):
+                offline = _wandb_offline(bool(node.get("offline", False)), node.get("save_dir"))
+                node.offline = offline
+                if group and not node.get("group"):
+                    node.group = group
+        logger = instantiate(node)
+        if not isinstance(logger, Logger):
+            raise ValueError(f"logger.{name} is a {type(logger).__name__}, not a Lightning Logger")
+        loggers.append(logger)
+    return loggers
+
+
+def _wandb_offline(requested: bool, save_dir: str | None) -> bool:
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if requested or mode in ("offline", "dryrun", "disabled"):
+        return True
+    if mode == "online" or wandb_has_credentials():
+        return False
+    where = Path(save_dir or ".") / "wandb"
+    rank_zero_info(
+        f"wandb: no API key found, logging offline to {where}. "
+        f"Upload later with `wandb sync {where}/offline-run-*` after `wandb login`."
+    )
+    return True
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """Close W&B runs so the next job of a multirun starts a run of its own."""
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        wandb.finish()

@@ -1,0 +1,260 @@
+"""The UNet noise-prediction backbone of Ho et al. 2020 (Appendix B), PixelCNN++-style.
+
+It maps (x [B, C, H, W], t [B]) to a tensor of x's shape and knows nothing of diffusion.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, Sec. 3.5; as in
+    Ho et al. 2020's ``get_timestep_embedding``): [sin(t w_i), cos(t w_i)]."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, device=t.device, dtype=torch.float32)
+        / (half - 1)
+    )
+    args = t.float()[:, None] * freqs[None, :]  # [B, 1] * [1, half] -> [B, half]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # [B, 2 * half]
+    return F.pad(emb, (0, dim % 2))
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups where the width allows it (Wu & He 2018), fewer otherwise."""
+    groups = math.gcd(32, channels)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, + projected time embedding, GN-SiLU-dropout-conv, residual."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention over all H*W positions, through scaled_dot_product_attention."""
+
+    def __init__(self, channels: int, num_heads: int = 1) -> None:
+        super().__init__()
+        if channels % num_heads != 0:
+            raise ValueError(
+                f"model.attention_heads={num_heads} must divide the width {channels} at "
+                "every attention resolution"
+            )
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x))
+        # [B, 3C, H, W] -> [3, B, heads, H*W, C/heads]
+        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w).permute(1, 0, 2, 4, 3)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        # [B, heads, H*W, C/heads] -> [B, C, H, W]
+        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution halving H and W."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """Ho et al. 2020's UNet: ``len(channel_mults)`` resolution levels of
+    ``num_res_blocks`` residual blocks (``+1`` on the way up, fed by skip connections),
+    self-attention at the listed ``attention_resolutions``, and a middle
+    ResBlock-Attention-ResBlock. ``image_size`` is needed to place the attention layers
+    and to check that the input can be halved at every level.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        base_channels: int = 128,
+        channel_mults: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        attention_heads: int = 1,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        channel_mults = tuple(channel_mults)
+        _validate(image_size, in_channels, base_channels, channel_mults, num_res_blocks, dropout)
+        factor = 2 ** (len(channel_mults) - 1)
+        resolutions = [image_size // 2**i for i in range(len(channel_mults))]
+        unknown = sorted(set(attention_resolutions) - set(resolutions))
+        if unknown:
+            raise ValueError(
+                f"model.attention_resolutions={list(attention_resolutions)} includes {unknown}, "
+                f"which this net never reaches; choose from {resolutions} (or [] for none)"
+            )
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.base_channels = base_channels
+        self.downsampling_factor = factor
+        temb_ch = 4 * base_channels
+
+        self.time_embed = nn.Sequential(
+            nn.Linear(base_channels, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch)
+        )
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        # Down path: remember every output width, since each feeds one skip connection.
+        self.down = nn.ModuleList()
+        skip_chs = [base_channels]
+        ch = base_channels
+        for level, mult in enumerate(channel_mults):
+            res = resolutions[level]
+            for _ in range(num_res_blocks):
+                self.down.append(
+                    self._level_block(
+                        ch,
+                        base_channels * mult,
+                        temb_ch,
+                        dropout,
+                        res in attention_resolutions,
+                        attention_heads,
+                    )
+                )
+                ch = base_channels * mult
+                skip_chs.append(ch)
+            if level != len(channel_mults) - 1:
+                self.down.append(Downsample(ch))
+                skip_chs.append(ch)
+
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(ch, ch, temb_ch, dropout),
+                AttentionBlock(ch, attention_heads),
+                ResBlock(ch, ch, temb_ch, dropout),
+            ]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            res = resolutions[level]
+            for _ in range(num_res_blocks + 1):
+                in_ch = ch + skip_chs.pop()
+                self.up.append(
+                    self._level_block(
+                        in_ch,
+                        base_channels * mult,
+                        temb_ch,
+                        dropout,
+                        res in attention_resolutions,
+                        attention_heads,
+                    )
+                )
+                ch = base_channels * mult
+            if level != 0:
+                self.up.append(Upsample(ch))
+
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
+
+    @staticmethod
+    def _level_block(
+        in_ch: int, out_ch: int, temb_ch: int, dropout: float, attention: bool, heads: int
+    ) -> nn.ModuleList:
+        blocks: list[nn.Module] = [ResBlock(in_ch, out_ch, temb_ch, dropout)]
+        if attention:
+            blocks.append(AttentionBlock(out_ch, heads))
+        return nn.ModuleList(blocks)
+
+    @staticmethod
+    def _run_level_block(block: nn.Module, h: Tensor, temb: Tensor) -> Tensor:
+        if isinstance(block, nn.ModuleList):  # ResBlock [+ AttentionBlock]
+            h = block[0](h, temb)
+            for layer in block[1:]:
+                h = layer(h)
+            return h
+        return block(h)  # Downsample / Upsample
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        temb = self.time_embed(timestep_embedding(t, self.base_channels))
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = self._run_level_block(block, h, temb)
+            skips.append(h)
+        h = self.mid[0](h, temb)
+        h = self.mid[1](h)
+        h = self.mid[2](h, temb)
+        for block in self.up:
+            if isinstance(block, nn.ModuleList):
+                h = torch.cat([h, skips.pop()], dim=1)  # [B, C, H, W] ++ skip -> [B, C + C', H, W]
+            h = self._run_level_block(block, h, temb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _validate(
+    image_size: int,
+    in_channels: int,
+    base_channels: int,
+    channel_mults: tuple[int, ...],
+    num_res_blocks: int,
+    dropout: float,
+) -> None:
+    """Refuse a configuration the UNet cannot run, naming the key and what is allowed."""
+    if not channel_mults or any(m < 1 for m in channel_mults):
+        raise ValueError(f"model.channel_mults={list(channel_mults)} must be positive integers")
+    factor = 2 ** (len(channel_mults) - 1)
+    if image_size < factor or image_size % factor != 0:
+        raise ValueError(
+            f"data.image_size={image_size} cannot be halved {len(channel_mults) - 1} times by "
+            f"model.channel_mults={list(channel_mults)}; use an image size divisible by {factor} "
+            "or fewer channel_mults"
+        )
+    if in_channels < 1:
+        raise ValueError(f"model.in_channels={in_channels} must be >= 1")
+    if base_channels < 2 or base_channels % 2:
+        raise ValueError(f"model.base_channels={base_channels} must be an even integer >= 2")
+    if num_res_blocks < 1:
+        raise ValueError(f"model.num_res_blocks={num_res_blocks} must be >= 1")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"model.dropout={dropout} must lie in [0, 1)")

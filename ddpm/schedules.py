@@ -1,0 +1,176 @@
+"""Beta schedules and the precomputed quantities of the forward process.
+
+All schedule math is done in float64 and stored as float32 buffers (non-persistent: a
+schedule is rebuilt from its config, never loaded from a checkpoint), so Lightning moves
+them with the module and no code calls ``.to(device)`` on them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def linear_beta_schedule(num_timesteps: int) -> Tensor:
+    """Linear betas from 1e-4 to 0.02 (Ho et al. 2020, Sec. 4), float64.
+
+    For T != 1000 the end points are scaled by 1000/T so that the total noise stays
+    comparable (Nichol & Dhariwal 2021, improved-diffusion ``get_named_beta_schedule``).
+    """
+    scale = 1000.0 / num_timesteps
+    if scale * 0.02 >= 1.0:
+        raise ValueError(
+            f"schedule.num_timesteps={num_timesteps} is too small for the linear schedule "
+            "(its betas, scaled by 1000/T, would reach 1); use num_timesteps >= 21 or "
+            "schedule=cosine"
+        )
+    return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+
+
+def cosine_beta_schedule(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine schedule (Nichol & Dhariwal 2021, Eq. 17), float64.
+
+    alpha_bar(t) = f(t) / f(0) with f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), and
+    beta_t = 1 - alpha_bar(t+1) / alpha_bar(t), clipped at ``max_beta`` to avoid the
+    singularity at t = T.
+    """
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = f / f[0]
+    betas = 1.0 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(max=max_beta)
+
+
+BETA_SCHEDULES: dict[str, Callable[[int], Tensor]] = {
+    "linear": linear_beta_schedule,
+    "cosine": cosine_beta_schedule,
+}
+
+
+def extract(a: Tensor, t: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """Gather ``a[t]`` and reshape it to broadcast against a tensor of ``shape``."""
+    # a: [T], t: [B] -> [B, 1, 1, ...] with len(shape) - 1 trailing singleton dims
+    return a.gather(0, t).view(t.shape[0], *([1] * (len(shape) - 1)))
+
+
+class NoiseSchedule(nn.Module):
+    """The fixed forward process q(x_t | x_0) of a DDPM and the conversions between
+    what a network may predict (noise, clean sample, or velocity).
+
+    Timesteps are zero-based: t = 0 .. T-1, with alpha_bar_t = prod_{s<=t} (1 - beta_s).
+    """
+
+    def __init__(self, betas: Tensor) -> None:
+        super().__init__()
+        betas = betas.to(torch.float64)
+        if betas.ndim != 1 or betas.numel() < 1:
+            raise ValueError(
+                f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}"
+            )
+        if not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("every beta must lie in (0, 1]")
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+
+        # Posterior q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I) (Ho et al. 2020, Eqs. 6-7).
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        posterior_mean_coef1 = betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod)
+        posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod)
+
+        buffers = {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "posterior_variance": posterior_variance,
+            "posterior_mean_coef1": posterior_mean_coef1,
+            "posterior_mean_coef2": posterior_mean_coef2,
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value.to(torch.float32), persistent=False)
+
+    @classmethod
+    def from_name(cls, name: str, num_timesteps: int = 1000) -> NoiseSchedule:
+        """Build a named schedule: ``linear`` or ``cosine``."""
+        if name not in BETA_SCHEDULES:
+            raise ValueError(
+                f"schedule.name={name!r} is unknown; choose one of {sorted(BETA_SCHEDULES)}"
+            )
+        if not isinstance(num_timesteps, int) or num_timesteps < 1:
+            raise ValueError(
+                f"schedule.num_timesteps={num_timesteps!r} must be an integer >= 1 (e.g. 1000)"
+            )
+        return cls(BETA_SCHEDULES[name](num_timesteps))
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Draw x_t ~ q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. Eq. 4)."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise
+        )
+
+    def q_posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """mu~_t(x_t, x_0) of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, Eq. 7)."""
+        return (
+            extract(self.posterior_mean_coef1, t, x_t.shape) * x0
+            + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
+        )
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio abar_t / (1 - abar_t) (Kingma et al. 2021, Eq. 2)."""
+        abar = self.alphas_cumprod.gather(0, t)
+        return abar / (1.0 - abar)
+
+    def velocity(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, Sec. 4)."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
+            - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
+        )
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: str) -> Tensor:
+        """What a network of ``prediction_type`` should output for (x_0, eps, t)."""
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "sample":
+            return x0
+        if prediction_type == "v_prediction":
+            return self.velocity(x0, noise, t)
+        raise ValueError(_bad_prediction_type(prediction_type))
+
+    def predict_x0_eps(
+        self, x_t: Tensor, t: Tensor, model_output: Tensor, prediction_type: str
+    ) -> tuple[Tensor, Tensor]:
+        """Convert a network output to the pair (x_0 estimate, eps estimate).
+
+        From x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps (Ho et al. Eq. 4) and
+        v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022).
+        """
+        sqrt_ab = extract(self.sqrt_alphas_cumprod, t, x_t.shape)
+        sqrt_1m_ab = extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+        if prediction_type == "epsilon":
+            eps = model_output
+            return (x_t - sqrt_1m_ab * eps) / sqrt_ab, eps
+        if prediction_type == "sample":
+            x0 = model_output
+            return x0, (x_t - sqrt_ab * x0) / sqrt_1m_ab
+        if prediction_type == "v_prediction":
+            v = model_output
+            return sqrt_ab * x_t - sqrt_1m_ab * v, sqrt_1m_ab * x_t + sqrt_ab * v
+        raise ValueError(_bad_prediction_type(prediction_type))
+
+
+def _bad_prediction_type(value: str) -> str:
+    return f"prediction_type={value!r} is unknown; choose one of {list(PREDICTION_TYPES)}"

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from ddpm.objectives import DiffusionLoss, fixed_timesteps_and_noise
+from ddpm.schedules import NoiseSchedule
+
+
+def test_loss_is_per_sample_mse_against_the_noise():
+    s = NoiseSchedule.from_name("linear", num_timesteps=50)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 1, 4, 4, generator=g)
+    noise = torch.randn(5, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 20, 30, 49])
+    zero_model = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    loss = DiffusionLoss("epsilon")(zero_model, s, x0, t, noise)
+    assert loss.shape == (5,)
+    assert torch.allclose(loss, noise.pow(2).flatten(1).mean(1))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_perfect_model_has_zero_loss(prediction_type):
+    s = NoiseSchedule.from_name("cosine", num_timesteps=100)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(4, 2, 3, 3, generator=g)
+    noise = torch.randn(4, 2, 3, 3, generator=g)
+    t = torch.tensor([0, 5, 50, 99])
+    oracle = lambda x, t_: s.target(x0, noise, t_, prediction_type)  # noqa: E731
+    loss = DiffusionLoss(prediction_type)(oracle, s, x0, t, noise)
+    assert torch.allclose(loss, torch.zeros(4), atol=1e-10)
+
+
+def test_timesteps_are_drawn_uniformly_over_all_of_them():
+    s = NoiseSchedule.from_name("cosine", num_timesteps=10)
+    seen: list[torch.Tensor] = []
+
+    def spy(x, t):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    torch.manual_seed(0)
+    DiffusionLoss()(spy, s, torch.zeros(20_000, 1, 1, 1))
+    counts = torch.bincount(seen[0], minlength=10)
+    assert counts.shape == (10,) and seen[0].min() == 0 and seen[0].max() == 9
+    assert (counts.float() / 20_000 - 0.1).abs().max() < 0.01
+
+
+def test_unknown_prediction_type_is_refused():
+    with pytest.raises(ValueError, match=r"objective\.prediction_type='noise' is unknown"):
+        DiffusionLoss("noise")
+
+
+def test_fixed_validation_noise_depends_on_the_index_only():
+    t_all, n_all = fixed_timesteps_and_noise([0, 1, 2, 3], (1, 4, 4), 1000, seed=3)
+    t_part, n_part = fixed_timesteps_and_noise([2, 3], (1, 4, 4), 1000, seed=3)
+    assert torch.equal(t_all[2:], t_part) and torch.equal(n_all[2:], n_part)
+    t_other, _ = fixed_timesteps_and_noise(list(range(50)), (1, 4, 4), 1000, seed=4)
+    assert t_all.dtype == torch.long and int(t_other.min()) >= 0 and int(t_other.max()) < 1000
+    assert len(set(t_other.tolist())) > 30  # spread over the chain, not one timestep

@@ -1,0 +1,114 @@
+import math
+import re
+
+import pytest
+import torch
+
+from ddpm.schedules import (
+    NoiseSchedule,
+    cosine_beta_schedule,
+    linear_beta_schedule,
+)
+
+
+def test_linear_schedule_matches_ho_et_al():
+    s = NoiseSchedule.from_name("linear", num_timesteps=1000)
+    assert s.num_timesteps == 1000
+    assert s.betas.shape == (1000,)
+    assert s.betas[0].item() == pytest.approx(1e-4, rel=1e-6)
+    assert s.betas[-1].item() == pytest.approx(0.02, rel=1e-6)
+    diffs = s.betas.double().diff()
+    assert torch.allclose(diffs, diffs.new_full(diffs.shape, (0.02 - 1e-4) / 999), atol=1e-8)
+
+
+def test_linear_schedule_scales_with_num_timesteps():
+    betas = linear_beta_schedule(500)
+    assert betas[0].item() == pytest.approx(2e-4)
+    assert betas[-1].item() == pytest.approx(0.04)
+
+
+def test_cosine_schedule_closed_form():
+    T, s_ = 1000, 0.008
+    sched = NoiseSchedule.from_name("cosine", num_timesteps=T)
+
+    def f(t: float) -> float:
+        return math.cos((t / T + s_) / (1 + s_) * math.pi / 2) ** 2
+
+    betas = cosine_beta_schedule(T)
+    assert betas.dtype == torch.float64
+    assert betas.max().item() == pytest.approx(0.999)
+    for t in (0, 1, 10, 500, 900):
+        # alpha_bar at zero-based t covers steps 1..t+1 of the paper: f(t+1) / f(0).
+        assert sched.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-5)
+
+
+def test_buffers_are_float32_consistent_and_not_saved():
+    s = NoiseSchedule.from_name("cosine", num_timesteps=100)
+    betas64 = cosine_beta_schedule(100)
+    assert s.alphas_cumprod.dtype == torch.float32
+    assert torch.allclose(s.alphas_cumprod.double(), torch.cumprod(1 - betas64, 0), rtol=1e-6)
+    assert s.state_dict() == {}
+    assert s.double().betas.dtype == torch.float64  # buffers move/cast with the module
+
+
+def test_q_sample_moments_over_large_batch():
+    s = NoiseSchedule.from_name("linear", num_timesteps=1000)
+    g = torch.Generator().manual_seed(0)
+    n, t_val, c = 200_000, 300, 0.7
+    x0 = torch.full((n, 1, 1, 1), c)
+    t = torch.full((n,), t_val, dtype=torch.long)
+    x_t = s.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    abar = s.alphas_cumprod[t_val].item()
+    assert x_t.mean().item() == pytest.approx(math.sqrt(abar) * c, abs=5e-3)
+    assert x_t.std().item() == pytest.approx(math.sqrt(1 - abar), rel=1e-2)
+
+
+def test_posterior_mean_equals_reference_eps_formula():
+    """mu~(x_t, x0(eps)) equals the reference 1/sqrt(a_t) (x_t - b_t/sqrt(1-abar_t) eps)."""
+    s = NoiseSchedule.from_name("cosine", num_timesteps=1000)
+    g = torch.Generator().manual_seed(1)
+    x_t = torch.randn(8, 1, 4, 4, generator=g)
+    eps = torch.randn(8, 1, 4, 4, generator=g)
+    t = torch.tensor([1, 5, 50, 200, 400, 600, 800, 990])
+    x0, _ = s.predict_x0_eps(x_t, t, eps, "epsilon")
+    mean = s.q_posterior_mean(x0, x_t, t)
+    b = s.betas[t].view(-1, 1, 1, 1)
+    a = (1 - s.betas[t]).view(-1, 1, 1, 1)
+    sqrt_1m_abar = s.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+    reference = (x_t - b / sqrt_1m_abar * eps) / a.sqrt()
+    assert torch.allclose(mean, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_prediction_type_conversions_round_trip(prediction_type):
+    s = NoiseSchedule.from_name("linear", num_timesteps=1000).double()
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 100, 500, 900, 999])
+    x_t = s.q_sample(x0, t, eps)
+    target = s.target(x0, eps, t, prediction_type)
+    x0_hat, eps_hat = s.predict_x0_eps(x_t, t, target, prediction_type)
+    assert torch.allclose(x0_hat, x0, atol=1e-4)
+    assert torch.allclose(eps_hat, eps, atol=1e-4)
+
+
+def test_snr_is_alpha_bar_ratio():
+    s = NoiseSchedule.from_name("linear", num_timesteps=1000)
+    t = torch.tensor([0, 999])
+    abar = s.alphas_cumprod[t]
+    assert torch.allclose(s.snr(t), abar / (1 - abar))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "quadratic"}, "schedule.name='quadratic' is unknown"),
+        ({"name": "linear", "num_timesteps": 0}, "schedule.num_timesteps=0 must be"),
+        ({"name": "cosine", "num_timesteps": -5}, "schedule.num_timesteps=-5 must be"),
+        ({"name": "linear", "num_timesteps": 20}, "num_timesteps=20 is too small for the linear"),
+    ],
+)
+def test_from_name_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        NoiseSchedule.from_name(**kwargs)

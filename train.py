@@ -1,0 +1,15 @@
+"""Train a diffusion model: `python train.py [hydra overrides]` (see conf/train.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from ddpm import cli
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return cli.train(cfg)
+
+
+if __name__ == "__main__":
+    main()
