@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -18,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import LearningRateMonitor, WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.images import make_grid, save_png, to_uint8
@@ -32,6 +33,8 @@ def auto_precision() -> str:
 
 
 OmegaConf.register_new_resolver("ddpm.auto_precision", auto_precision, replace=True)
+# Lightning 2.6 on torch >= 2.10 warns about a torch-internal pytree API at every fit: noise.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 class UsageError(Exception):
@@ -72,14 +75,17 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     )
 
 
-def build_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
+def build_callbacks(cfg: DictConfig | None, has_logger: bool = True) -> list[L.Callback]:
     """Instantiate the callbacks; weight averaging goes last, so that the other
-    validation-time callbacks run while the averaged (EMA) weights are swapped in."""
+    validation-time callbacks run while the averaged (EMA) weights are swapped in.
+    Without a logger, LearningRateMonitor (which needs one) is left out."""
     callbacks = [
         instantiate(node)
         for node in (cfg or {}).values()
         if isinstance(node, DictConfig) and "_target_" in node
     ]
+    if not has_logger:
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     return sorted(callbacks, key=lambda cb: isinstance(cb, WeightAveraging))
 
 
@@ -99,8 +105,8 @@ def train(cfg: DictConfig) -> float | None:
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")  # fail on bad data before any training starts
         module = build_module(cfg)
-        callbacks = build_callbacks(cfg.get("callbacks"))
         loggers = build_loggers(cfg.get("logger"), group=_multirun_group())
+        callbacks = build_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     except Exception as exc:
         message = user_error(exc)

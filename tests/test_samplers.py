@@ -76,3 +76,14 @@ def test_bad_sampler_arguments_are_refused():
     schedule = NoiseSchedule.from_name("cosine", num_timesteps=10)
     with pytest.raises(ValueError, match="prediction_type='x0' is unknown"):
         DDPMSampler().sample(lambda x, t: x, schedule, (1, 1, 1, 1), prediction_type="x0")
+
+
+def test_index_generators_are_distinct_and_reproducible():
+    from ddpm.rng import index_generator
+
+    seeds = {index_generator(0, i).initial_seed() for i in range(10_000)}
+    assert len(seeds) == 10_000
+    assert index_generator(3, 5).initial_seed() == index_generator(3, 5).initial_seed()
+    assert index_generator(3, 5).initial_seed() != index_generator(4, 5).initial_seed()
+    with pytest.raises(ValueError, match="must be >= 0"):
+        index_generator(-1, 0)

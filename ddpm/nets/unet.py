@@ -246,9 +246,9 @@ def _validate(
     factor = 2 ** (len(channel_mults) - 1)
     if image_size < factor or image_size % factor != 0:
         raise ValueError(
-            f"data.image_size={image_size} cannot be halved {len(channel_mults) - 1} times by "
-            f"model.channel_mults={list(channel_mults)}; use an image size divisible by {factor} "
-            "or fewer channel_mults"
+            f"data.image_size={image_size} must be divisible by {factor}: "
+            f"model.channel_mults={list(channel_mults)} halve it {len(channel_mults) - 1} "
+            "time(s); pick such an image size or fewer channel_mults"
         )
     if in_channels < 1:
         raise ValueError(f"model.in_channels={in_channels} must be >= 1")

@@ -1,0 +1,126 @@
+"""The real entry points, run as a user runs them: train.py, sample.py, -m sweeps, errors."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY, run_entry
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run through train.py with the default (W&B, offline) logger."""
+    work = tmp_path_factory.mktemp("train")
+    run_dir = work / "run"
+    result = run_entry("train.py", *TINY, f"hydra.run.dir={run_dir}", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_train_leaves_checkpoints_grids_config_and_logs(trained):
+    run_dir, result = trained
+    assert "Epoch 0" in result.stderr  # Lightning's progress bar
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run_dir / "checkpoints").glob("best-step=*-val_loss=*.ckpt"))) == 1
+    assert len(list((run_dir / "samples").glob("grid_epoch=*_step=*.png"))) == 2
+    assert "max_steps: 6" in (run_dir / "config.yaml").read_text()
+    assert "${" not in (run_dir / "config.yaml").read_text()  # resolved
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+    assert (run_dir / "train.log").is_file()
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_sample_from_checkpoint_alone(trained, tmp_path):
+    run_dir, _ = trained
+    ckpt = tmp_path / "model.ckpt"  # away from its run dir: the checkpoint is enough
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", ckpt)
+    out = tmp_path / "out"
+    result = run_entry(
+        "sample.py", f"ckpt_path={ckpt}", f"out_dir={out}", "num_samples=5", "seed=0", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sampling" in result.stderr  # progress bar
+    assert (out / "grid.png").is_file()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [f"{i:05d}.png" for i in range(5)]
+    images = np.load(out / "samples.npz")["images"]
+    assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+
+    again = tmp_path / "again"
+    result = run_entry(
+        "sample.py",
+        f"ckpt_path={ckpt}",
+        f"out_dir={again}",
+        "num_samples=5",
+        "seed=0",
+        "batch_size=2",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.array_equal(np.load(again / "samples.npz")["images"], images)
+
+
+def test_sample_accepts_a_sampler_override(trained, tmp_path):
+    run_dir, _ = trained
+    out = tmp_path / "out"
+    result = run_entry(
+        "sample.py",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        f"out_dir={out}",
+        "num_samples=2",
+        "sampler=ddpm",
+        "sampler.steps=5",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"steps": 5' in (out / "samples.json").read_text()
+
+
+def test_multirun_gives_one_dir_and_one_logger_run_per_job(tmp_path):
+    overrides = [o for o in TINY if not o.startswith("schedule.")]
+    result = run_entry(
+        "train.py",
+        "-m",
+        "schedule=linear,cosine",
+        "schedule.num_timesteps=30",
+        *overrides,
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    runs = []
+    for job in jobs:
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        runs += list((job / "wandb").glob("offline-run-*"))
+        ckpt = torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)
+        runs_schedule = ckpt["hyper_parameters"]["config"]["schedule"]["name"]
+        assert runs_schedule == ("linear" if job.name == "0" else "cosine")
+    assert len(runs) == 2 and runs[0].name != runs[1].name
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expected"),
+    [
+        ("train.py", ["model=huge"], "Could not find 'model/huge'"),
+        ("train.py", ["data.image_size=7"], "error: data.image_size=7 must be divisible by 2"),
+        ("train.py", ["schedule.num_timesteps=0"], "error: schedule.num_timesteps=0 must be"),
+        ("sample.py", ["ckpt_path=nowhere.ckpt"], "error: checkpoint not found: nowhere.ckpt"),
+        ("sample.py", ["ckpt_path=garbage.ckpt"], "error: cannot read checkpoint garbage.ckpt"),
+    ],
+)
+def test_bad_input_fails_fast_with_one_clear_line(script, args, expected, tmp_path):
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    result = (
+        run_entry(script, *args, "logger=none", cwd=tmp_path)
+        if script == "train.py"
+        else run_entry(script, *args, f"out_dir={tmp_path / 'o'}", cwd=tmp_path)
+    )
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "logs" / "runs").exists() or not any(
+        (tmp_path / "logs" / "runs").rglob("*.ckpt")
+    )

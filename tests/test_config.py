@@ -1,0 +1,118 @@
+"""Every option of every config group composes and instantiates."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from ddpm.cli import build_callbacks, build_module
+from ddpm.loggers import build_loggers
+from tests.conftest import CONF, compose_train
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_groups_have_the_documented_options():
+    assert options("model") == ["base", "ddpm_cifar10", "small", "tiny"]
+    assert options("schedule") == ["cosine", "linear"]
+    assert options("precision") == ["16-mixed", "32-true", "auto", "bf16-mixed"]
+    assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
+    assert options("logger") == ["csv", "none", "tensorboard", "wandb"]
+    assert options("sampler") == ["ddpm"]
+    assert options("data") == ["digits"]
+
+
+@pytest.mark.parametrize("option", options("schedule"))
+def test_schedules_instantiate(option):
+    cfg = compose_train([f"schedule={option}"])
+    assert instantiate(cfg.schedule).num_timesteps == 1000
+
+
+@pytest.mark.parametrize("option", options("sampler"))
+def test_samplers_instantiate(option):
+    assert hasattr(instantiate(compose_train([f"sampler={option}"]).sampler), "sample")
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_data_instantiates(option):
+    dm = instantiate(compose_train([f"data={option}"]).data)
+    assert isinstance(dm, L.LightningDataModule)
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_module_builds_for_every_model(option, tmp_path):
+    size, channels = (8, 1) if option == "tiny" else (32, 3)
+    cfg = compose_train(
+        [f"model={option}", f"data.image_size={size}", f"data.channels={channels}"], tmp_path
+    )
+    module = build_module(cfg)
+    assert module.image_shape == (channels, size, size)
+    assert module.hparams.config["model"]["_target_"] == "ddpm.nets.unet.UNet"
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainers_instantiate(option, tmp_path):
+    if option == "gpu" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    overrides = [f"trainer={option}"]
+    if option == "ddp" and not torch.cuda.is_available():
+        overrides.append("trainer.accelerator=cpu")
+    cfg = compose_train(overrides, tmp_path)
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert isinstance(trainer, L.Trainer)
+
+
+@pytest.mark.parametrize("option", options("precision"))
+def test_precisions_instantiate(option, tmp_path):
+    if option == "16-mixed" and not torch.cuda.is_available():
+        pytest.skip("fp16 autocast needs a CUDA device")
+    cfg = compose_train([f"precision={option}"], tmp_path)
+    trainer = instantiate(cfg.trainer, logger=False)
+    expected = {"auto": "16-mixed" if torch.cuda.is_available() else "32-true"}
+    assert trainer.precision == expected.get(option, option)
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_loggers_instantiate(option, tmp_path):
+    cfg = compose_train([f"logger={option}"], tmp_path)
+    loggers = build_loggers(cfg.logger)
+    assert len(loggers) == (0 if option == "none" else 1)
+
+
+def test_lr_monitor_is_left_out_without_a_logger(tmp_path):
+    callbacks = build_callbacks(compose_train([], tmp_path).callbacks, has_logger=False)
+    assert "LearningRateMonitor" not in [type(cb).__name__ for cb in callbacks]
+
+
+def test_callbacks_instantiate_with_ema_last(tmp_path):
+    callbacks = build_callbacks(compose_train([], tmp_path).callbacks)
+    names = [type(cb).__name__ for cb in callbacks]
+    assert names[-1] == "EMAWeightAveraging"
+    assert {"ModelCheckpoint", "SampleGrid", "LearningRateMonitor"} <= set(names)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiments_compose(option, tmp_path):
+    cfg = compose_train([f"experiment={option}"], tmp_path)
+    assert build_module(cfg) is not None
+
+
+def test_common_overrides_work(tmp_path):
+    cfg = compose_train(
+        [
+            "trainer.max_steps=200",
+            "model=small",
+            "schedule=linear",
+            "data.batch_size=64",
+            "data.image_size=16",
+        ],
+        tmp_path,
+    )
+    assert cfg.trainer.max_steps == 200 and cfg.data.batch_size == 64
+    assert cfg.schedule.name == "linear" and cfg.model.base_channels == 64
+    assert cfg.model.image_size == 16  # the data config feeds the model: one place to edit
+    assert Path(cfg.paths.output_dir) == tmp_path

@@ -1,0 +1,92 @@
+"""DiffusionModule under a real Lightning Trainer, composed from conf/."""
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+from ddpm.cli import build_callbacks, build_module, load_module
+from ddpm.images import make_grid, to_uint8
+from ddpm.loggers import build_loggers
+from tests.conftest import TINY, compose_train
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit")
+    cfg = compose_train([*TINY, "logger=csv"], out)
+    torch.manual_seed(0)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    loggers = build_loggers(cfg.logger)
+    callbacks = build_callbacks(cfg.callbacks)
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, enable_progress_bar=False
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return out, trainer, module
+
+
+def test_fit_writes_checkpoints_and_one_grid_per_validation(fitted):
+    out, trainer, _ = fitted
+    assert trainer.global_step == 6
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    best = [p for p in (out / "checkpoints").glob("best-*.ckpt")]
+    assert len(best) == 1
+    grids = sorted((out / "samples").glob("grid_*.png"))
+    assert [g.name.split("step=")[1] for g in grids] == ["0000003.png", "0000006.png"]
+    assert "val/loss" in trainer.callback_metrics and "train/loss" in trainer.callback_metrics
+
+
+def test_checkpoint_holds_ema_weights_and_config(fitted):
+    out, _, _ = fitted
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    ema, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert ema.keys() == raw.keys()
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # the EMA moved apart
+    assert ckpt["hyper_parameters"]["config"]["model"]["base_channels"] == 8
+    assert not any(k.startswith("schedule.") for k in ema)  # derived, rebuilt from config
+
+
+def test_grid_was_drawn_with_the_ema_weights(fitted):
+    """The last grid equals what the checkpoint's (EMA) weights draw from the same seed."""
+    out, _, _ = fitted
+    module = load_module(out / "checkpoints" / "last.ckpt")
+    expected = make_grid(to_uint8(module.sample(4, seed=0)))
+    grid = sorted((out / "samples").glob("grid_*.png"))[-1]
+    assert np.array_equal(np.asarray(Image.open(grid))[..., None], expected)
+
+
+def test_validation_loss_is_reproducible(fitted):
+    """val/loss uses fixed (t, noise) per image: two evaluations agree exactly."""
+    _, trainer, module = fitted
+    first = trainer.validate(module, datamodule=trainer.datamodule, verbose=False)[0]["val/loss"]
+    second = trainer.validate(module, datamodule=trainer.datamodule, verbose=False)[0]["val/loss"]
+    assert first == second
+
+
+def test_sample_is_batch_size_invariant(fitted):
+    out, _, _ = fitted
+    module = load_module(out / "checkpoints" / "last.ckpt")
+    whole = module.sample(5, seed=3)
+    split = module.sample(5, seed=3, batch_size=2)
+    assert whole.shape == (5, 1, 8, 8)
+    assert torch.allclose(whole, split, atol=1e-5)
+    assert np.array_equal(to_uint8(whole), to_uint8(split))
+    assert not torch.allclose(whole, module.sample(5, seed=4))
+
+
+def test_load_module_strips_torch_compile_prefix(fitted, tmp_path):
+    out, _, _ = fitted
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt["state_dict"] = {
+        k.replace("net.", "net._orig_mod."): v for k, v in ckpt["state_dict"].items()
+    }
+    torch.save(ckpt, tmp_path / "compiled.ckpt")
+    module = load_module(tmp_path / "compiled.ckpt")
+    reference = load_module(out / "checkpoints" / "last.ckpt")
+    for (name, a), b in zip(
+        module.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
