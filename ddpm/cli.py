@@ -140,7 +140,7 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path} (pass ckpt_path=path/to/last.ckpt)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise UsageError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     config = (ckpt.get("hyper_parameters") or {}).get("config") if isinstance(ckpt, dict) else None

@@ -21,7 +21,7 @@ def trained(tmp_path_factory):
 
 def test_train_leaves_checkpoints_grids_config_and_logs(trained):
     run_dir, result = trained
-    assert "Epoch 0" in result.stderr  # Lightning's progress bar
+    assert "Epoch 0" in result.stdout  # Lightning's progress bar
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert len(list((run_dir / "checkpoints").glob("best-step=*-val_loss=*.ckpt"))) == 1
     assert len(list((run_dir / "samples").glob("grid_epoch=*_step=*.png"))) == 2
@@ -124,3 +124,22 @@ def test_bad_input_fails_fast_with_one_clear_line(script, args, expected, tmp_pa
     assert not (tmp_path / "logs" / "runs").exists() or not any(
         (tmp_path / "logs" / "runs").rglob("*.ckpt")
     )
+
+
+def test_ddp_on_cpu_writes_one_run_dir(tmp_path):
+    """Two gloo processes through the real entry point: one run dir, one checkpoint set."""
+    run_dir = tmp_path / "run"
+    result = run_entry(
+        "train.py",
+        *TINY,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))[-1] == "last.ckpt"
+    assert len(list((run_dir / "samples").glob("grid_*.png"))) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no second output dir per rank
