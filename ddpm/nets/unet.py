@@ -86,7 +86,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         return self.conv(x)
 
 
@@ -97,8 +97,22 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class LevelBlock(nn.Module):
+    """One ResBlock, followed by self-attention at the resolutions that have it."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, attention: bool, heads: int
+    ) -> None:
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, temb_ch, dropout)
+        self.attn = AttentionBlock(out_ch, heads) if attention else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        return self.attn(self.res(x, temb))
 
 
 class UNet(nn.Module):
@@ -144,23 +158,17 @@ class UNet(nn.Module):
         )
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
+        def level_block(in_ch: int, out_ch: int, res: int) -> LevelBlock:
+            attention = res in attention_resolutions
+            return LevelBlock(in_ch, out_ch, temb_ch, dropout, attention, attention_heads)
+
         # Down path: remember every output width, since each feeds one skip connection.
         self.down = nn.ModuleList()
         skip_chs = [base_channels]
         ch = base_channels
         for level, mult in enumerate(channel_mults):
-            res = resolutions[level]
             for _ in range(num_res_blocks):
-                self.down.append(
-                    self._level_block(
-                        ch,
-                        base_channels * mult,
-                        temb_ch,
-                        dropout,
-                        res in attention_resolutions,
-                        attention_heads,
-                    )
-                )
+                self.down.append(level_block(ch, base_channels * mult, resolutions[level]))
                 ch = base_channels * mult
                 skip_chs.append(ch)
             if level != len(channel_mults) - 1:
@@ -175,20 +183,12 @@ class UNet(nn.Module):
             ]
         )
 
+        # Up path: num_res_blocks + 1 blocks per level, each eating one skip connection.
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
-            res = resolutions[level]
             for _ in range(num_res_blocks + 1):
-                in_ch = ch + skip_chs.pop()
                 self.up.append(
-                    self._level_block(
-                        in_ch,
-                        base_channels * mult,
-                        temb_ch,
-                        dropout,
-                        res in attention_resolutions,
-                        attention_heads,
-                    )
+                    level_block(ch + skip_chs.pop(), base_channels * mult, resolutions[level])
                 )
                 ch = base_channels * mult
             if level != 0:
@@ -197,38 +197,20 @@ class UNet(nn.Module):
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
 
-    @staticmethod
-    def _level_block(
-        in_ch: int, out_ch: int, temb_ch: int, dropout: float, attention: bool, heads: int
-    ) -> nn.ModuleList:
-        blocks: list[nn.Module] = [ResBlock(in_ch, out_ch, temb_ch, dropout)]
-        if attention:
-            blocks.append(AttentionBlock(out_ch, heads))
-        return nn.ModuleList(blocks)
-
-    @staticmethod
-    def _run_level_block(block: nn.Module, h: Tensor, temb: Tensor) -> Tensor:
-        if isinstance(block, nn.ModuleList):  # ResBlock [+ AttentionBlock]
-            h = block[0](h, temb)
-            for layer in block[1:]:
-                h = layer(h)
-            return h
-        return block(h)  # Downsample / Upsample
-
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        temb = self.time_embed(timestep_embedding(t, self.base_channels))
+        temb = self.time_embed(timestep_embedding(t, self.base_channels))  # [B, 4 * base]
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
-            h = self._run_level_block(block, h, temb)
+            h = block(h, temb)
             skips.append(h)
         h = self.mid[0](h, temb)
         h = self.mid[1](h)
         h = self.mid[2](h, temb)
         for block in self.up:
-            if isinstance(block, nn.ModuleList):
+            if isinstance(block, LevelBlock):
                 h = torch.cat([h, skips.pop()], dim=1)  # [B, C, H, W] ++ skip -> [B, C + C', H, W]
-            h = self._run_level_block(block, h, temb)
+            h = block(h, temb)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
