@@ -51,7 +51,8 @@ def user_error(exc: BaseException) -> str | None:
     """The message of the ValueError/UsageError at the root of ``exc``, if there is one."""
     while exc is not None:
         if isinstance(exc, UsageError | ValueError | FileNotFoundError):
-            return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip()
+            return text.splitlines()[0] if text else type(exc).__name__
         if not isinstance(exc, InstantiationException):
             return None
         exc = exc.__cause__
@@ -142,7 +143,8 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise UsageError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise UsageError(f"cannot read checkpoint {path}: {type(exc).__name__}: {reason}") from exc
     config = (ckpt.get("hyper_parameters") or {}).get("config") if isinstance(ckpt, dict) else None
     if config is None or "state_dict" not in ckpt:
         raise UsageError(f"{path} is not a ddpm training checkpoint (no stored config or weights)")
