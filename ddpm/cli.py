@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.images import make_grid, save_png, to_uint8
 from ddpm.loggers import build_loggers, finish_loggers
+from ddpm.metrics import evaluate_images
 from ddpm.module import DiffusionModule
 
 
@@ -76,14 +77,18 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
     )
 
 
-def build_callbacks(cfg: DictConfig | None, has_logger: bool = True) -> list[L.Callback]:
-    """Instantiate the callbacks; weight averaging goes last, so that the other
-    validation-time callbacks run while the averaged (EMA) weights are swapped in.
-    Without a logger, LearningRateMonitor (which needs one) is left out."""
+def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[L.Callback]:
+    """Instantiate ``cfg.callbacks`` and the ``cfg.eval`` (FID/KID) callback.
+
+    Weight averaging goes last, so that the other validation-time callbacks run while the
+    averaged (EMA) weights are swapped in. Without a logger, LearningRateMonitor (which
+    needs one) is left out.
+    """
+    nodes = list((cfg.get("callbacks") or {}).values())
+    if cfg.get("eval") is not None:
+        nodes.append(cfg.eval)
     callbacks = [
-        instantiate(node)
-        for node in (cfg or {}).values()
-        if isinstance(node, DictConfig) and "_target_" in node
+        instantiate(node) for node in nodes if isinstance(node, DictConfig) and "_target_" in node
     ]
     if not has_logger:
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
@@ -107,7 +112,7 @@ def train(cfg: DictConfig) -> float | None:
         datamodule.setup("fit")  # fail on bad data before any training starts
         module = build_module(cfg)
         loggers = build_loggers(cfg.get("logger"), group=_multirun_group())
-        callbacks = build_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
+        callbacks = build_callbacks(cfg, has_logger=bool(loggers))
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     except Exception as exc:
         message = user_error(exc)
@@ -191,9 +196,20 @@ def sample(cfg: DictConfig) -> Path:
         "ckpt_path": str(cfg.ckpt_path),
         "num_samples": int(cfg.num_samples),
         "seed": int(cfg.seed),
-        "sampler": type(used).__name__,
-        "sampler_args": vars(used),
+        "sampler": {"name": type(used).__name__, **vars(used)},
     }
     (out / "samples.json").write_text(json.dumps(info, indent=2, default=str))
+    if cfg.get("evaluate"):
+        datamodule = instantiate(OmegaConf.create(module.hparams.config["data"]))
+        report = evaluate_images(
+            images, datamodule, cfg.get("feature_extractor"), cfg.reference_split, device
+        )
+        metrics = {**report, **info}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        print(
+            f"fid={report['fid']:.3f} kid={report['kid_mean']:.4g}±{report['kid_std']:.2g} "
+            f"({report['feature_extractor']} features, {report['num_samples']} samples "
+            f"vs {report['reference']['num_images']} {report['reference']['split']} images)"
+        )
     print(f"wrote {len(pixels)} samples to {out}")
     return out

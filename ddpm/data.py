@@ -60,6 +60,7 @@ class ImageDataModule(L.LightningDataModule):
         split_seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool = False,
+        feature_extractor: str = "digits",
     ) -> None:
         super().__init__()
         if name not in DATASETS:
@@ -76,6 +77,7 @@ class ImageDataModule(L.LightningDataModule):
         self.image_size, self.channels = image_size, channels
         self.batch_size, self.val_fraction, self.split_seed = batch_size, val_fraction, split_seed
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.feature_extractor = feature_extractor  # the FID/KID features suited to this data
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -112,6 +114,22 @@ class ImageDataModule(L.LightningDataModule):
         val_idx, train_idx = order[:n_val], order[n_val:]
         self.train_set = TensorDataset(images[train_idx], labels[train_idx])
         self.val_set = IndexedDataset(images[val_idx], labels[val_idx])
+
+    def split_images(self, split: str) -> Tensor:
+        """All images of ``split`` (``train``, ``val`` or ``all``), [N, C, H, W] in [-1, 1]."""
+        self.setup("fit")
+        if split == "train":
+            return self.train_set.tensors[0]
+        if split == "val":
+            return self.val_set.images
+        if split == "all":
+            return torch.cat([self.train_set.tensors[0], self.val_set.images])
+        raise ValueError(f"eval.reference_split={split!r} is unknown; choose train, val or all")
+
+    @property
+    def split_id(self) -> str:
+        """Identifies the split (for caches): fraction and seed."""
+        return f"val{self.val_fraction:g}-seed{self.split_seed}"
 
     def train_dataloader(self) -> DataLoader:
         n_train = len(self.train_set)

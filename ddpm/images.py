@@ -45,3 +45,38 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
     return path
+
+
+def side_by_side(images: list[np.ndarray], gap: int = 8) -> np.ndarray:
+    """Place uint8 [H, W, C] pictures left to right on a white background."""
+    height = max(im.shape[0] for im in images)
+    width = sum(im.shape[1] for im in images) + gap * (len(images) - 1)
+    out = np.full((height, width, images[0].shape[2]), 255, dtype=np.uint8)
+    x = 0
+    for im in images:
+        out[: im.shape[0], x : x + im.shape[1]] = im
+        x += im.shape[1] + gap
+    return out
+
+
+def bar_chart(values: list[float], labels: list[str], title: str = "") -> np.ndarray:
+    """A small RGB bar chart [H, W, 3] drawn with PIL (no plotting library needed)."""
+    from PIL import ImageDraw
+
+    width, height, margin, top = 60 * len(values) + 80, 300, 50, 30
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    finite = [v for v in values if np.isfinite(v)]
+    vmax = max(finite) if finite and max(finite) > 0 else 1.0
+    base = height - margin
+    draw.line([(margin, top), (margin, base), (width - 10, base)], fill="black")
+    draw.text((margin, 8), title, fill="black")
+    draw.text((4, top), f"{vmax:.3g}", fill="black")
+    draw.text((4, base - 10), "0", fill="black")
+    for i, (value, label) in enumerate(zip(values, labels, strict=True)):
+        x0 = margin + 10 + i * 60
+        h = 0 if not np.isfinite(value) else (base - top) * value / vmax
+        draw.rectangle([x0, base - h, x0 + 40, base], fill=(66, 110, 180))
+        draw.text((x0, base + 4), label, fill="black")
+        draw.text((x0, base - h - 12), f"{value:.3f}", fill="black")
+    return np.asarray(image)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ddpm.objectives import DiffusionLoss, fixed_timesteps_and_noise
 from ddpm.rng import sample_generators
-from ddpm.samplers import DDPMSampler
+from ddpm.samplers import DDPMSampler, StepHook
 from ddpm.schedules import NoiseSchedule
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -64,23 +64,32 @@ class DiffusionModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Loss on fixed (t, noise) per image; returns per-sample losses and timesteps too
+        (the loss-by-timestep chart reads them)."""
         x0, _, index = batch
         t, noise = fixed_timesteps_and_noise(
             index.cpu(), x0.shape[1:], self.schedule.num_timesteps, self.val_seed
         )
-        loss = self.objective(
-            self.net, self.schedule, x0, t.to(x0.device), noise.to(x0.device, x0.dtype)
-        ).mean()
+        t = t.to(x0.device)
+        per_sample = self.objective(self.net, self.schedule, x0, t, noise.to(x0.device, x0.dtype))
+        loss = per_sample.mean()
         self.log(
-            "val/loss",
-            loss,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=x0.shape[0],
+            "val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=x0.shape[0]
         )
-        return loss
+        return {"loss": loss, "per_sample_loss": per_sample, "t": t}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the global gradient norm (before clipping) every ``log_every_n_steps``."""
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) != 0:
+            return
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if grads:
+            # stays on the device: Lightning reads it when it writes the logs
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            )
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     @torch.no_grad()
     def sample(
@@ -90,6 +99,7 @@ class DiffusionModule(L.LightningModule):
         batch_size: int | None = None,
         sampler: DDPMSampler | None = None,
         progress: bool = False,
+        on_step: StepHook | None = None,
     ) -> Tensor:
         """Draw the samples ``indices`` (an int n means 0 .. n-1) of the stream seeded by
         ``seed``: [N, C, H, W] in [-1, 1].
@@ -113,6 +123,7 @@ class DiffusionModule(L.LightningModule):
                     prediction_type=self.objective.prediction_type,
                     generator=sample_generators(seed, batch),
                     progress=progress,
+                    on_step=on_step,
                 )
                 chunks.append(x.clamp(-1.0, 1.0))
         finally:

@@ -13,6 +13,7 @@ from ddpm.schedules import PREDICTION_TYPES, NoiseSchedule
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
+StepHook = Callable[[int, Tensor, Tensor], None]
 
 
 def randn(
@@ -37,15 +38,13 @@ def randn(
 def spaced_timesteps(num_timesteps: int, steps: int | None) -> list[int]:
     """``steps`` timesteps evenly spread over [0, T-1], descending, always ending at 0.
 
-    ``None`` (or ``steps == T``) keeps all T timesteps.
+    ``None``, or any ``steps >= T``, keeps all T timesteps (a chain never has more steps
+    than the schedule), so one sampler config serves schedules of any length.
     """
-    if steps is None or steps == num_timesteps:
+    if steps is None or steps >= num_timesteps:
         return list(range(num_timesteps - 1, -1, -1))
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(
-            f"sampler.steps={steps} must lie in [1, {num_timesteps}] (the schedule's "
-            "num_timesteps), or be null for all of them"
-        )
+    if steps < 1:
+        raise ValueError(f"sampler.steps={steps} must be >= 1, or null for all timesteps")
     grid = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().long()
     return sorted(set(grid.tolist()), reverse=True)
 
@@ -80,8 +79,12 @@ class DDPMSampler:
         prediction_type: str = "epsilon",
         generator: Generators = None,
         progress: bool = False,
+        on_step: StepHook | None = None,
     ) -> Tensor:
-        """Draw a batch of ``shape`` = [B, C, H, W] samples from pure noise."""
+        """Draw a batch of ``shape`` = [B, C, H, W] samples from pure noise.
+
+        ``on_step(t, x_t, x0_pred)`` is called at every step, before the update (for
+        denoising trajectories)."""
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type={prediction_type!r} is unknown; choose one of "
@@ -96,6 +99,8 @@ class DDPMSampler:
             x0, _ = schedule.predict_x0_eps(x, t, model(x, t).float(), prediction_type)
             if self.clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
+            if on_step is not None:
+                on_step(step, x, x0)
             prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
             abar_t = abar[step]
             abar_prev = abar[prev] if prev is not None else abar.new_tensor(1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,16 @@ TINY = [
     "schedule.num_timesteps=20",
     "model.base_channels=8",
     "callbacks.sample_grid.num_samples=4",
+    "callbacks.sample_grid.trajectory_samples=2",
+    "eval.num_samples=8",
+    "eval.batch_size=8",
+    "eval.sampler.steps=5",
+    "eval.kid_subsets=5",
 ]
+
+# Feature nets and real-data statistics are cached here, never in the user's cache; the
+# subprocesses of the end-to-end tests inherit it.
+os.environ["DDPM_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-test-cache-")
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """The real entry points, run as a user runs them: train.py, sample.py, -m sweeps, errors."""
 
+import json
 import shutil
 
 import numpy as np
@@ -59,6 +60,39 @@ def test_sample_from_checkpoint_alone(trained, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert np.array_equal(np.load(again / "samples.npz")["images"], images)
+
+
+def test_wandb_offline_run_holds_the_pictures_and_val_fid(trained):
+    run_dir, _ = trained
+    (run,) = (run_dir / "wandb").glob("offline-run-*")
+    records = b"".join(p.read_bytes() for p in run.glob("*.wandb"))
+    for key in (b"val/fid", b"val/kid", b"val/loss", b"train/grad_norm", b"val_loss_by_t/t"):
+        assert key in records, key
+    images = [p.name for p in (run / "files" / "media" / "images").rglob("*.png")]
+    for key in ("grid_ema", "ema_vs_raw", "trajectory", "loss_by_timestep"):
+        assert any(name.startswith(key) for name in images), (key, images)
+
+
+def test_sample_evaluate_writes_metrics_json(trained, tmp_path):
+    run_dir, _ = trained
+    out = tmp_path / "out"
+    result = run_entry(
+        "sample.py",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        f"out_dir={out}",
+        "num_samples=20",
+        "sampler=ddpm",
+        "sampler.steps=10",
+        "evaluate=true",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fid"] > 0 and metrics["kid_std"] >= 0 and "kid_mean" in metrics
+    assert metrics["feature_extractor"] == "digits" and metrics["num_samples"] == 20
+    assert metrics["sampler"] == {"name": "DDPMSampler", "steps": 10, "clip_denoised": True}
+    assert metrics["reference"]["split"] == "train" and metrics["reference"]["num_images"] > 1000
+    assert "fid=" in result.stdout
 
 
 def test_sample_accepts_a_sampler_override(trained, tmp_path):

@@ -84,15 +84,21 @@ def test_loggers_instantiate(option, tmp_path):
 
 
 def test_lr_monitor_is_left_out_without_a_logger(tmp_path):
-    callbacks = build_callbacks(compose_train([], tmp_path).callbacks, has_logger=False)
+    callbacks = build_callbacks(compose_train([], tmp_path), has_logger=False)
     assert "LearningRateMonitor" not in [type(cb).__name__ for cb in callbacks]
 
 
 def test_callbacks_instantiate_with_ema_last(tmp_path):
-    callbacks = build_callbacks(compose_train([], tmp_path).callbacks)
+    callbacks = build_callbacks(compose_train([], tmp_path))
     names = [type(cb).__name__ for cb in callbacks]
     assert names[-1] == "EMAWeightAveraging"
-    assert {"ModelCheckpoint", "SampleGrid", "LearningRateMonitor"} <= set(names)
+    assert {
+        "ModelCheckpoint",
+        "SampleGrid",
+        "LossByTimestep",
+        "SampleQuality",
+        "LearningRateMonitor",
+    } <= set(names)
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))

@@ -20,7 +20,7 @@ def fitted(tmp_path_factory):
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     loggers = build_loggers(cfg.logger)
-    callbacks = build_callbacks(cfg.callbacks)
+    callbacks = build_callbacks(cfg)
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, enable_progress_bar=False
     )
@@ -36,7 +36,20 @@ def test_fit_writes_checkpoints_and_one_grid_per_validation(fitted):
     assert len(best) == 1
     grids = sorted((out / "samples").glob("grid_*.png"))
     assert [g.name.split("step=")[1] for g in grids] == ["0000003.png", "0000006.png"]
-    assert "val/loss" in trainer.callback_metrics and "train/loss" in trainer.callback_metrics
+    metrics = trainer.callback_metrics
+    assert {"val/loss", "train/loss", "val/fid", "val/kid", "val/kid_std"} <= set(metrics)
+    assert float(metrics["val/fid"]) > 0
+    assert any(key.startswith("val_loss_by_t/t") for key in metrics)
+    assert len(list((out / "samples").glob("ema_vs_raw_step=*.png"))) == 2
+    assert len(list((out / "samples").glob("trajectory_step=*.png"))) == 2
+    assert len(list((out / "loss_by_t").glob("step=*.png"))) == 2
+
+
+def test_trajectory_strip_has_one_row_per_sample_and_a_column_per_frame(fitted):
+    out, _, _ = fitted
+    strip = np.asarray(Image.open(sorted((out / "samples").glob("trajectory_*.png"))[-1]))
+    tile = 32 + 2  # 8x8 images enlarged 4x, plus the 2-pixel gap
+    assert strip.shape[:2] == (2 * tile + 2, (8 + 1) * tile + 2)  # 2 samples, 8 frames + x_0
 
 
 def test_checkpoint_holds_ema_weights_and_config(fitted):

@@ -1,0 +1,167 @@
+"""Feature extractors for FID/KID: images in [-1, 1] -> one feature vector per image.
+
+- ``digits``: a small CNN classifier of the 8x8 digits whose 128-d penultimate layer is the
+  feature. It needs no download: it is trained on first use from scikit-learn's bundled
+  digits (deterministic, a few seconds on a CPU) and cached under the user's cache dir.
+  FIDs with it are comparable between runs of this project only, never to paper numbers.
+- ``inception``: the standard FID network (Inception-v3 pool3, 2048-d, torch-fidelity's
+  port of the TensorFlow weights that papers use), through torchmetrics.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DIGITS_VERSION = 1  # bump when the net or its training changes: old caches are ignored
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+    "weights-inception-2015-12-05-6726825d.pth"
+)
+
+
+def cache_dir() -> Path:
+    """Where ddpm caches feature nets and real-data statistics: ``$DDPM_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/ddpm``, else ``~/.cache/ddpm``."""
+    if os.environ.get("DDPM_CACHE_DIR"):
+        return Path(os.environ["DDPM_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "ddpm"
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """torch.save through a temporary file, so concurrent ranks never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class DigitsFeatureNet(nn.Module):
+    """A 2-conv classifier of 8x8 grey digits; ``features`` is its 128-d hidden layer.
+
+    Inputs of any size or channel count are turned grey and resized to 8x8 first, so it
+    also measures MNIST-like data (coarsely).
+    """
+
+    name = "digits"
+    num_features = 128
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8 -> 4x4
+        )
+        self.hidden = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 4 * 4, self.num_features), nn.ReLU()
+        )
+        self.classifier = nn.Linear(self.num_features, 10)
+
+    @staticmethod
+    def preprocess(images: Tensor) -> Tensor:
+        x = images.float().mean(dim=1, keepdim=True)  # [B, C, H, W] -> [B, 1, H, W]
+        if x.shape[-2:] != (8, 8):
+            x = F.interpolate(x, size=(8, 8), mode="bilinear", antialias=True, align_corners=False)
+        return x
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.hidden(self.conv(self.preprocess(images)))  # [B, 128]
+
+    def logits(self, images: Tensor) -> Tensor:
+        return self.classifier(self.features(images))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.features(images)
+
+
+def train_digits_feature_net(epochs: int = 15, seed: int = 0) -> tuple[DigitsFeatureNet, float]:
+    """Train the digits classifier on the train split of ``data=digits`` (val_fraction 0.1,
+    split_seed 0: the held-out images stay unseen). Returns the net and held-out accuracy."""
+    from ddpm.data import ImageDataModule
+
+    data = ImageDataModule(name="digits", val_fraction=0.1, split_seed=0)
+    data.setup("fit")
+    x_train, y_train = data.train_set.tensors
+    x_val, y_val = data.val_set.images, data.val_set.labels
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = DigitsFeatureNet()
+        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+        order = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            for idx in torch.randperm(x_train.shape[0], generator=order).split(64):
+                loss = F.cross_entropy(net.logits(x_train[idx]), y_train[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = (net.logits(x_val).argmax(1) == y_val).float().mean().item()
+    return net, accuracy
+
+
+def load_digits_feature_net() -> DigitsFeatureNet:
+    """The cached digits feature net, trained and cached on first use."""
+    path = cache_dir() / f"digits_feature_net_v{DIGITS_VERSION}.pt"
+    net = DigitsFeatureNet()
+    if path.is_file():
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        net, accuracy = train_digits_feature_net()
+        print(f"trained the digits feature net (held-out accuracy {accuracy:.3f}), cached: {path}")
+        atomic_save(net.state_dict(), path)
+    return net.eval().requires_grad_(False)
+
+
+class InceptionFeatures(nn.Module):
+    """Inception-v3 pool3 features (2048-d) of torch-fidelity, as torchmetrics' FID uses."""
+
+    name = "inception"
+    num_features = 2048
+
+    def __init__(self) -> None:
+        super().__init__()
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+        except ImportError as exc:  # pragma: no cover - torchmetrics is a dependency
+            raise FileNotFoundError(f"torchmetrics' Inception is unavailable: {exc}") from exc
+        weights = Path(torch.hub.get_dir()) / "checkpoints" / Path(INCEPTION_URL).name
+        try:
+            self.net = NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=["2048"],
+                feature_extractor_weights_path=str(weights) if weights.is_file() else None,
+            )
+        except ModuleNotFoundError as exc:
+            raise FileNotFoundError(
+                "inception features need torch-fidelity: pip install 'ddpm[inception]' "
+                "(or use eval.feature_extractor=digits)"
+            ) from exc
+        except Exception as exc:
+            raise FileNotFoundError(
+                "Inception weights are not cached and could not be downloaded "
+                f"({type(exc).__name__}); fetch {INCEPTION_URL} and save it as {weights}"
+            ) from exc
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # grey -> RGB
+        return self.net(x)
+
+
+def build_feature_extractor(name: str) -> nn.Module:
+    """``digits`` or ``inception``, in eval mode with gradients off."""
+    if name == "digits":
+        return load_digits_feature_net()
+    if name == "inception":
+        return InceptionFeatures().eval().requires_grad_(False)
+    raise ValueError(f"eval.feature_extractor={name!r} is unknown; choose 'digits' or 'inception'")
