@@ -228,16 +228,26 @@ class SampleQuality(L.Callback):
         self.feature_extractor, self.reference_split = feature_extractor, reference_split
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self._validations = 0
-        self.extractor = None
+        self._name: str | None = None
+        self.extractor: torch.nn.Module | None = None
         self.reference = None
+
+    def load_extractor(self, datamodule: L.LightningDataModule) -> None:
+        """Build the feature extractor now (``ddpm.cli`` calls this before training, so a
+        missing Inception download fails the run at once, in one line)."""
+        if self.extractor is None:
+            self._name = self.feature_extractor or datamodule.feature_extractor
+            self.extractor = build_feature_extractor(self._name)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.reference is not None:
             return
         data = trainer.datamodule
-        name = self.feature_extractor or data.feature_extractor
-        self.extractor = build_feature_extractor(name).to(pl_module.device)
-        key = reference_key(data.name, self.reference_split, name, data.image_size, data.split_id)
+        self.load_extractor(data)
+        self.extractor.to(pl_module.device)
+        key = reference_key(
+            data.name, self.reference_split, self._name, data.image_size, data.split_id
+        )
         self.reference, _ = reference_stats(
             key, lambda: data.split_images(self.reference_split), self.extractor, pl_module.device
         )

@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
+from ddpm.callbacks import SampleQuality
 from ddpm.images import make_grid, save_png, to_uint8
 from ddpm.loggers import build_loggers, finish_loggers
 from ddpm.metrics import evaluate_images
@@ -113,6 +114,9 @@ def train(cfg: DictConfig) -> float | None:
         module = build_module(cfg)
         loggers = build_loggers(cfg.get("logger"), group=_multirun_group())
         callbacks = build_callbacks(cfg, has_logger=bool(loggers))
+        for callback in callbacks:
+            if isinstance(callback, SampleQuality):
+                callback.load_extractor(datamodule)  # a missing download fails here, at once
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     except Exception as exc:
         message = user_error(exc)

@@ -103,3 +103,26 @@ def test_load_module_strips_torch_compile_prefix(fitted, tmp_path):
         module.state_dict().items(), reference.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_checkpoint_can_keep_the_best_by_fid(tmp_path):
+    cfg = compose_train(
+        [
+            *TINY,
+            "logger=csv",
+            "callbacks.checkpoint.monitor=val/fid",
+            "callbacks.checkpoint.filename='best-fid={val/fid:.2f}'",
+        ],
+        tmp_path,
+    )
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=build_callbacks(cfg),
+        logger=build_loggers(cfg.logger),
+        enable_progress_bar=False,
+    )
+    trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data))
+    checkpoint = trainer.checkpoint_callback
+    assert checkpoint.monitor == "val/fid"
+    assert checkpoint.best_model_score is not None
+    assert "best-fid=" in checkpoint.best_model_path
