@@ -32,14 +32,19 @@ def log_image(loggers: list[Logger], key: str, image: np.ndarray, step: int) -> 
             logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
 
 
+def rank_indices(trainer: L.Trainer, n: int) -> range:
+    """This rank's share of sample indices 0..n-1: rank r takes r, r + W, r + 2W, ...
+    (padded so that every rank draws the same count, as all_gather needs)."""
+    world = trainer.world_size
+    return range(trainer.global_rank, math.ceil(n / world) * world, world)
+
+
 def sample_shared(
     trainer: L.Trainer, pl_module: L.LightningModule, num_samples: int, seed: int, **kwargs
 ) -> Tensor:
-    """Samples 0..n-1 of ``seed``, drawn ``world_size`` ways: rank r draws r, r + W, ...
-    and all ranks receive all samples [n, C, H, W], in index order."""
-    world, rank = trainer.world_size, trainer.global_rank
-    per_rank = math.ceil(num_samples / world)
-    local = pl_module.sample(range(rank, per_rank * world, world), seed=seed, **kwargs)
+    """Samples 0..n-1 of ``seed``, each rank drawing its share; every rank receives all
+    samples [n, C, H, W], in index order."""
+    local = pl_module.sample(rank_indices(trainer, num_samples), seed=seed, **kwargs)
     return gather_strided(pl_module, local, num_samples)
 
 
@@ -258,10 +263,8 @@ class SampleQuality(L.Callback):
         self._validations += 1
         if self._validations % self.every_n_epochs:
             return
-        world, rank = trainer.world_size, trainer.global_rank
-        per_rank = math.ceil(self.num_samples / world)
         images = pl_module.sample(
-            range(rank, per_rank * world, world),
+            rank_indices(trainer, self.num_samples),
             seed=self.seed,
             batch_size=self.batch_size,
             sampler=self.sampler,
