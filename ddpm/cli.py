@@ -35,6 +35,7 @@ def auto_precision() -> str:
 
 
 OmegaConf.register_new_resolver("ddpm.auto_precision", auto_precision, replace=True)
+OmegaConf.register_new_resolver("ddpm.cuda", torch.cuda.is_available, replace=True)
 # Lightning 2.6 on torch >= 2.10 warns about a torch-internal pytree API at every fit: noise.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 

@@ -1,40 +1,29 @@
-"""ImageDataModule and the dataset builders that feed it.
+"""ImageDataModule: images as uint8 on the host, scaled to [-1, 1] (the range the diffusion
+process assumes, Ho et al. 2020 Sec. 3.3) and flipped after the transfer to the device.
 
-A builder returns every image of a data set as a float tensor in [0, 1] of shape
-[N, C, H, W] plus int64 labels [N]; the module resizes, scales to [-1, 1] (the range the
-diffusion process assumes, Ho et al. 2020 Sec. 3.3) and splits train/val deterministically.
+Data sets come from ``ddpm.datasets``; the train/val split is a fixed permutation of the
+training files, so it is the same on every run and every rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
+
+from ddpm.datasets import BUILDERS, decode_all, decode_image
+
+log = logging.getLogger(__name__)
 
 
-def load_digits_images(root: str | Path | None = None) -> tuple[Tensor, Tensor]:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 17 grey levels)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = (
-        torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)
-    )  # [N, 8, 8] -> [N, 1, 8, 8]
-    return images, torch.from_numpy(digits.target).long()
-
-
-DATASETS: dict[str, Callable[[str | Path | None], tuple[Tensor, Tensor]]] = {
-    "digits": load_digits_images,
-}
-
-
-class IndexedDataset(Dataset):
-    """Yields (image, label, index): validation derives its fixed noise from the index."""
+class TensorImages(Dataset):
+    """uint8 images held in memory; yields (image [C, H, W] uint8, label, index)."""
 
     def __init__(self, images: Tensor, labels: Tensor) -> None:
         self.images, self.labels = images, labels
@@ -46,8 +35,50 @@ class IndexedDataset(Dataset):
         return self.images[i], self.labels[i], i
 
 
+class Indices(Dataset):
+    """Yields only indices: the device-resident mode looks the images up on the device."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class FileImages(Dataset):
+    """Image files decoded on access (in the loader's workers); same items as TensorImages."""
+
+    def __init__(self, files: list[Path], labels: Tensor, image_size: int, channels: int) -> None:
+        self.files, self.labels = files, labels
+        self.image_size, self.channels = image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+        return decode_image(self.files[i], self.image_size, self.channels), self.labels[i], i
+
+
+def to_unit_range(images: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def resize_uint8(images: Tensor, size: int) -> Tensor:
+    """Antialiased bilinear resize of uint8 [N, C, H, W] to [N, C, size, size]."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = F.interpolate(
+        images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 class ImageDataModule(L.LightningDataModule):
-    """Images in [-1, 1], held in memory, split into train/val by a fixed seed."""
+    """One data set, split into train/val by a fixed seed, batches of (x, label, index)."""
 
     def __init__(
         self,
@@ -61,75 +92,142 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         feature_extractor: str = "digits",
+        download: bool = False,
+        in_memory: bool = True,
+        hflip: bool = False,
+        skip_bad_files: bool = False,
+        device_resident: bool = False,
     ) -> None:
         super().__init__()
-        if name not in DATASETS:
-            raise ValueError(f"data.name={name!r} is unknown; choose one of {sorted(DATASETS)}")
+        if name not in BUILDERS:
+            raise ValueError(f"data.name={name!r} is unknown; choose one of {sorted(BUILDERS)}")
+        if name == "folder" and not root:
+            raise ValueError("data=folder needs the images' location: data.root=/path/to/images")
         if image_size < 1:
             raise ValueError(f"data.image_size={image_size} must be a positive integer")
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels={channels} must be 1 (grey) or 3 (RGB)")
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be a positive integer")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0")
-        self.name, self.root = name, root
+        self.name, self.root, self.download = name, root, download
         self.image_size, self.channels = image_size, channels
         self.batch_size, self.val_fraction, self.split_seed = batch_size, val_fraction, split_seed
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.feature_extractor = feature_extractor  # the FID/KID features suited to this data
+        self.in_memory, self.hflip, self.skip_bad_files = in_memory, hflip, skip_bad_files
+        if device_resident and not in_memory:
+            raise ValueError("data.device_resident=true needs data.in_memory=true")
+        # The whole uint8 set lives on the training device; loaders yield indices only.
+        self.device_resident = device_resident
+        self._resident: dict[str, tuple[Tensor, Tensor]] = {}
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
-
-    def load_images(self) -> tuple[Tensor, Tensor]:
-        """All images in [-1, 1] at ``image_size``, [N, C, H, W], with their labels."""
-        images, labels = DATASETS[self.name](self.root)
-        if images.shape[1] != self.channels:
-            raise ValueError(
-                f"data.channels={self.channels} but data set {self.name!r} has "
-                f"{images.shape[1]} channels; set data.channels={images.shape[1]}"
-            )
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(
-                images,
-                size=(self.image_size, self.image_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            ).clamp(0.0, 1.0)
-        return images * 2.0 - 1.0, labels
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        images, labels = self.load_images()
-        n_val = max(1, round(self.val_fraction * images.shape[0]))
-        if n_val >= images.shape[0]:
-            raise ValueError(
-                f"data set {self.name!r} has too few images ({images.shape[0]}) to split"
+        root = Path(self.root).expanduser() if self.root else Path("data")
+        source = BUILDERS[self.name](root, self.download, self.channels)
+        labels = source.labels
+        if source.files is not None and self.in_memory:
+            images, labels = decode_all(
+                source.files, labels, self.image_size, self.channels, self.skip_bad_files
             )
-        order = torch.randperm(
-            images.shape[0], generator=torch.Generator().manual_seed(self.split_seed)
-        )
+        elif source.files is not None:
+            images = None
+            source.files, labels = self._verify_files(source.files, labels)
+        else:
+            images = source.images
+            if images.shape[1] != self.channels:
+                raise ValueError(
+                    f"data.channels={self.channels} but data set {self.name!r} has "
+                    f"{images.shape[1]} channels; set data.channels={images.shape[1]}"
+                )
+            images = resize_uint8(images, self.image_size)
+        n = labels.shape[0]
+        n_val = max(1, round(self.val_fraction * n))
+        if n_val >= n:
+            raise ValueError(f"data set {self.name!r} has too few images ({n}) to split")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
         val_idx, train_idx = order[:n_val], order[n_val:]
-        self.train_set = TensorDataset(images[train_idx], labels[train_idx])
-        self.val_set = IndexedDataset(images[val_idx], labels[val_idx])
+        if images is not None:
+            self.train_set = TensorImages(images[train_idx], labels[train_idx])
+            self.val_set = TensorImages(images[val_idx], labels[val_idx])
+        else:
+            files = source.files
+            self.train_set = FileImages(
+                [files[i] for i in train_idx], labels[train_idx], self.image_size, self.channels
+            )
+            self.val_set = FileImages(
+                [files[i] for i in val_idx], labels[val_idx], self.image_size, self.channels
+            )
+
+    def _verify_files(self, files: list[Path], labels: Tensor) -> tuple[list[Path], Tensor]:
+        """Streaming mode: check every file's header at setup; a bad one stops the run, or
+        is dropped (with its label) when ``skip_bad_files``."""
+        from PIL import Image
+
+        kept: list[int] = []
+        for i, path in enumerate(files):
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+                kept.append(i)
+            except (OSError, SyntaxError) as exc:
+                if not self.skip_bad_files:
+                    raise ValueError(
+                        f"cannot read image {path} ({type(exc).__name__}); remove it or set "
+                        "data.skip_bad_files=true"
+                    ) from exc
+        if len(kept) < len(files):
+            log.warning("skipped %d unreadable image file(s)", len(files) - len(kept))
+        return [files[i] for i in kept], labels[kept]
 
     def split_images(self, split: str) -> Tensor:
         """All images of ``split`` (``train``, ``val`` or ``all``), [N, C, H, W] in [-1, 1]."""
         self.setup("fit")
-        if split == "train":
-            return self.train_set.tensors[0]
-        if split == "val":
-            return self.val_set.images
         if split == "all":
-            return torch.cat([self.train_set.tensors[0], self.val_set.images])
-        raise ValueError(f"eval.reference_split={split!r} is unknown; choose train, val or all")
+            return torch.cat([self.split_images("train"), self.split_images("val")])
+        if split not in ("train", "val"):
+            raise ValueError(f"eval.reference_split={split!r} is unknown; choose train, val or all")
+        dataset = self.train_set if split == "train" else self.val_set
+        if isinstance(dataset, TensorImages):
+            return to_unit_range(dataset.images)
+        return to_unit_range(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+
+    def split_labels(self, split: str) -> Tensor:
+        self.setup("fit")
+        return (self.train_set if split == "train" else self.val_set).labels
 
     @property
     def split_id(self) -> str:
         """Identifies the split (for caches): fraction and seed."""
         return f"val{self.val_fraction:g}-seed{self.split_seed}"
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the device: uint8 -> [-1, 1], and random horizontal flips while training.
+        In device-resident mode the batch is indices into the set held on the device."""
+        training = self.trainer is not None and self.trainer.training
+        if isinstance(batch, Tensor):  # device-resident: [B] indices
+            images, labels = self._on_device("train" if training else "val", batch.device)
+            batch = (images[batch], labels[batch], batch)
+        x, y, index = batch
+        x = to_unit_range(x)
+        if self.hflip and training:
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5  # no host sync
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, y, index
+
+    def _on_device(self, split: str, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The split's uint8 images and labels, copied to ``device`` once."""
+        if split not in self._resident or self._resident[split][0].device != device:
+            dataset = self.train_set if split == "train" else self.val_set
+            self._resident[split] = (dataset.images.to(device), dataset.labels.to(device))
+        return self._resident[split]
 
     def train_dataloader(self) -> DataLoader:
         n_train = len(self.train_set)
@@ -139,12 +237,15 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+        if self.device_resident:  # indices only: no workers, nothing to pin
+            dataset = Indices(len(dataset))
+        workers = 0 if self.device_resident else self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            pin_memory=self.pin_memory and not self.device_resident,
+            persistent_workers=workers > 0,
         )

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DIGITS_VERSION = 1  # bump when the net or its training changes: old caches are ignored
+DIGITS_VERSION = 2  # bump when the net or its training changes: old caches are ignored
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
     "weights-inception-2015-12-05-6726825d.pth"
@@ -89,8 +89,8 @@ def train_digits_feature_net(epochs: int = 15, seed: int = 0) -> tuple[DigitsFea
 
     data = ImageDataModule(name="digits", val_fraction=0.1, split_seed=0)
     data.setup("fit")
-    x_train, y_train = data.train_set.tensors
-    x_val, y_val = data.val_set.images, data.val_set.labels
+    x_train, y_train = data.split_images("train"), data.split_labels("train")
+    x_val, y_val = data.split_images("val"), data.split_labels("val")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = DigitsFeatureNet()

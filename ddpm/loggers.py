@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from pathlib import Path
@@ -9,8 +10,10 @@ from urllib.parse import urlsplit
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger(__name__)
 
 
 def wandb_has_credentials() -> bool:
@@ -62,12 +65,18 @@ def _wandb_offline(requested: bool, save_dir: str | None) -> bool:
         return True
     if mode == "online" or wandb_has_credentials():
         return False
-    where = Path(save_dir or ".") / "wandb"
-    rank_zero_info(
-        f"wandb: no API key found, logging offline to {where}. "
-        f"Upload later with `wandb sync {where}/offline-run-*` after `wandb login`."
-    )
+    _say_offline(Path(save_dir or ".") / "wandb")
     return True
+
+
+@rank_zero_only
+def _say_offline(where: Path) -> None:
+    log.warning(
+        "wandb: no API key found, logging offline to %s. Upload later with "
+        "`wandb sync %s/offline-run-*` after `wandb login`.",
+        where,
+        where,
+    )
 
 
 def finish_loggers(loggers: list[Logger]) -> None:

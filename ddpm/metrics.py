@@ -19,6 +19,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from ddpm.features import atomic_save, cache_dir
 
 KID_MAX_REAL = 10_000  # real features kept for KID (its subsets draw from these)
+STATS_VERSION = 2  # bump when the data pipeline changes pixels: old caches are ignored
 
 
 class _Passthrough(nn.Module):
@@ -133,7 +134,7 @@ def fid_kid(
 
 def reference_key(name: str, split: str, extractor: str, image_size: int, split_id: str) -> str:
     """File-name-safe cache key of one real-data reference."""
-    return f"{name}-{split}-{extractor}-{image_size}px-{split_id}"
+    return f"{name}-{split}-{extractor}-{image_size}px-{split_id}-v{STATS_VERSION}"
 
 
 def evaluate_images(

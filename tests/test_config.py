@@ -23,7 +23,7 @@ def test_groups_have_the_documented_options():
     assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
     assert options("logger") == ["csv", "none", "tensorboard", "wandb"]
     assert options("sampler") == ["ddpm"]
-    assert options("data") == ["digits"]
+    assert options("data") == ["cifar10", "digits", "fashion_mnist", "folder", "mnist"]
 
 
 @pytest.mark.parametrize("option", options("schedule"))
@@ -38,8 +38,8 @@ def test_samplers_instantiate(option):
 
 
 @pytest.mark.parametrize("option", options("data"))
-def test_data_instantiates(option):
-    dm = instantiate(compose_train([f"data={option}"]).data)
+def test_data_instantiates(option, tmp_path):
+    dm = instantiate(compose_train([f"data={option}", f"data.root={tmp_path}"]).data)
     assert isinstance(dm, L.LightningDataModule)
 
 

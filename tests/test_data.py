@@ -9,18 +9,17 @@ def test_digits_are_scaled_split_and_deterministic():
     dm.setup("fit")
     assert len(dm.train_set) + len(dm.val_set) == 1797
     assert len(dm.val_set) == 180
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (32, 1, 8, 8) and y.dtype == torch.long
-    assert x.min() >= -1.0 and x.max() <= 1.0
-    images = dm.train_set.tensors[0]
+    x, y, index = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, 8, 8) and x.dtype == torch.uint8 and y.dtype == torch.long
+    assert index.shape == (32,)
+    images = dm.split_images("train")
     assert images.min().item() == -1.0 and images.max().item() == 1.0
 
     again = ImageDataModule(name="digits", val_fraction=0.1, split_seed=0)
-    again.setup("fit")
-    assert torch.equal(again.val_set.images, dm.val_set.images)
+    assert torch.equal(again.split_images("val"), dm.split_images("val"))
     other = ImageDataModule(name="digits", val_fraction=0.1, split_seed=1)
-    other.setup("fit")
-    assert not torch.equal(other.val_set.images, dm.val_set.images)
+    assert not torch.equal(other.split_images("val"), dm.split_images("val"))
+    assert dm.split_images("all").shape[0] == 1797
 
 
 def test_validation_batches_carry_dataset_indices():
@@ -33,9 +32,21 @@ def test_validation_batches_carry_dataset_indices():
 def test_image_size_resizes():
     dm = ImageDataModule(name="digits", image_size=16, batch_size=8)
     dm.setup("fit")
-    x, _ = next(iter(dm.train_dataloader()))
-    assert x.shape == (8, 1, 16, 16)
-    assert x.min() >= -1.0 and x.max() <= 1.0
+    x, _, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 1, 16, 16) and x.dtype == torch.uint8
+
+
+def test_device_resident_batches_equal_loader_batches():
+    """Indices looked up on the device give the same batches as the host loader."""
+    host = ImageDataModule(name="digits", batch_size=40)
+    resident = ImageDataModule(name="digits", batch_size=40, device_resident=True)
+    host.setup("fit")
+    resident.setup("fit")
+    for a, b in zip(host.val_dataloader(), resident.val_dataloader(), strict=True):
+        x_a, y_a, i_a = host.on_after_batch_transfer(a, 0)
+        x_b, y_b, i_b = resident.on_after_batch_transfer(b, 0)
+        assert torch.equal(x_a, x_b) and torch.equal(y_a, y_b) and torch.equal(i_a, i_b)
+    assert b.dtype == torch.long and b.ndim == 1  # the loader moved indices only
 
 
 @pytest.mark.parametrize(
@@ -45,6 +56,8 @@ def test_image_size_resizes():
         ({"batch_size": 0}, "data.batch_size=0"),
         ({"val_fraction": 1.0}, "data.val_fraction=1.0"),
         ({"image_size": 0}, "data.image_size=0"),
+        ({"channels": 2}, "data.channels=2 must be 1 (grey) or 3 (RGB)"),
+        ({"in_memory": False, "device_resident": True}, "needs data.in_memory=true"),
     ],
 )
 def test_bad_data_config_is_refused(kwargs, message):

@@ -1,0 +1,147 @@
+"""Data set builders: every image of a data set, decoded once, as uint8 [N, C, H, W]
+plus int64 labels [N] (or, for folders, the file list to decode lazily).
+
+Files are read in their real on-disk formats: scikit-learn's bundled digits, MNIST and
+Fashion-MNIST idx-ubyte files (torchvision's layout), CIFAR-10's pickled python batches,
+and folders of PNG/JPEG/WebP/BMP images. Nothing is downloaded unless ``download=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class Source:
+    """What a builder found: images already decoded (``images``), or ``files`` to decode."""
+
+    labels: Tensor  # [N] int64
+    images: Tensor | None = None  # [N, C, H, W] uint8
+    files: list[Path] | None = None
+
+
+def _missing(what: str, where: Path, name: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{what} not found under {where}; fetch it with: python train.py data={name} "
+        f"data.root={where.parent if where.name in ('MNIST', 'FashionMNIST') else where} "
+        "data.download=true"
+    )
+
+
+def load_digits(root: Path, download: bool, channels: int) -> Source:
+    """scikit-learn's bundled 8x8 digits (17 grey levels, scaled to 0..255)."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images = torch.from_numpy(pixels).unsqueeze(1)  # [N, 8, 8] -> [N, 1, 8, 8]
+    return Source(labels=torch.from_numpy(digits.target).long(), images=images)
+
+
+def _idx_loader(folder: str, torchvision_name: str, name: str) -> Callable[..., Source]:
+    def load(root: Path, download: bool, channels: int) -> Source:
+        from torchvision.datasets import mnist
+
+        raw = root / folder / "raw"
+        files = [raw / "train-images-idx3-ubyte", raw / "train-labels-idx1-ubyte"]
+        if download and not all(f.is_file() for f in files):
+            getattr(mnist, torchvision_name)(str(root), train=True, download=True)
+        for f in files:
+            if not f.is_file():
+                raise _missing(f"{name} file {f.name}", root / folder, name)
+        images = mnist.read_image_file(str(files[0])).unsqueeze(1)  # [N, 28, 28] -> [N, 1, 28, 28]
+        return Source(labels=mnist.read_label_file(str(files[1])).long(), images=images)
+
+    return load
+
+
+def load_cifar10(root: Path, download: bool, channels: int) -> Source:
+    """The five pickled training batches of CIFAR-10 (``cifar-10-batches-py``)."""
+    folder = root / "cifar-10-batches-py"
+    batches = [folder / f"data_batch_{i}" for i in range(1, 6)]
+    if download and not all(b.is_file() for b in batches):
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(str(root), train=True, download=True)
+    images, labels = [], []
+    for batch in batches:
+        if not batch.is_file():
+            raise _missing(f"CIFAR-10 batch {batch.name}", root, "cifar10")
+        with batch.open("rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry["labels"])
+    return Source(labels=torch.tensor(labels), images=torch.from_numpy(np.concatenate(images)))
+
+
+def load_folder(root: Path, download: bool, channels: int) -> Source:
+    """Every image file under ``root``; one subfolder per class gives labels (else 0)."""
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"image folder {root} does not exist; set data.root=/path/to/images"
+        )
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(
+            f"data.root={root} holds no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images"
+        )
+    classes = sorted(
+        {p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}
+    )
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index.get(p.relative_to(root).parts[0], 0) for p in files]
+    return Source(labels=torch.tensor(labels, dtype=torch.long), files=files)
+
+
+BUILDERS: dict[str, Callable[[Path, bool, int], Source]] = {
+    "digits": load_digits,
+    "mnist": _idx_loader("MNIST", "MNIST", "mnist"),
+    "fashion_mnist": _idx_loader("FashionMNIST", "FashionMNIST", "fashion_mnist"),
+    "cifar10": load_cifar10,
+    "folder": load_folder,
+}
+
+
+def decode_image(path: Path, image_size: int, channels: int) -> Tensor:
+    """One file -> uint8 [C, S, S]: resize the shorter side to S, then center-crop."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    with Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        image = TF.center_crop(TF.resize(image, image_size, antialias=True), image_size)
+        return TF.pil_to_tensor(image)
+
+
+def decode_all(
+    files: list[Path], labels: Tensor, image_size: int, channels: int, skip_bad_files: bool
+) -> tuple[Tensor, Tensor]:
+    """Decode every file; a bad one stops with its path, or is skipped and counted."""
+    images, kept, bad = [], [], []
+    for i, path in enumerate(files):
+        try:
+            images.append(decode_image(path, image_size, channels))
+            kept.append(i)
+        except (OSError, ValueError, SyntaxError) as exc:
+            if not skip_bad_files:
+                raise ValueError(
+                    f"cannot read image {path} ({type(exc).__name__}); remove it or set "
+                    "data.skip_bad_files=true"
+                ) from exc
+            bad.append(path)
+    if bad:
+        log.warning("skipped %d unreadable image file(s), e.g. %s", len(bad), bad[0])
+    if not images:
+        raise ValueError("no readable images left after skipping bad files")
+    return torch.stack(images), labels[kept]
