@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ddpm.datasets import BUILDERS, decode_all, decode_image
+from ddpm.datasets import BUILDERS, bad_file, decode_all, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,7 @@ class ImageDataModule(L.LightningDataModule):
                 kept.append(i)
             except (OSError, SyntaxError) as exc:
                 if not self.skip_bad_files:
-                    raise ValueError(
-                        f"cannot read image {path} ({type(exc).__name__}); remove it or set "
-                        "data.skip_bad_files=true"
-                    ) from exc
+                    raise bad_file(path, exc) from exc
         if len(kept) < len(files):
             log.warning("skipped %d unreadable image file(s)", len(files) - len(kept))
         return [files[i] for i in kept], labels[kept]

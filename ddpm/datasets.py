@@ -113,6 +113,14 @@ BUILDERS: dict[str, Callable[[Path, bool, int], Source]] = {
 }
 
 
+def bad_file(path: Path, exc: Exception) -> ValueError:
+    """The error for an unreadable image file: which file, and the way around it."""
+    return ValueError(
+        f"cannot read image {path} ({type(exc).__name__}); remove it or set "
+        "data.skip_bad_files=true"
+    )
+
+
 def decode_image(path: Path, image_size: int, channels: int) -> Tensor:
     """One file -> uint8 [C, S, S]: resize the shorter side to S, then center-crop."""
     from PIL import Image
@@ -135,10 +143,7 @@ def decode_all(
             kept.append(i)
         except (OSError, ValueError, SyntaxError) as exc:
             if not skip_bad_files:
-                raise ValueError(
-                    f"cannot read image {path} ({type(exc).__name__}); remove it or set "
-                    "data.skip_bad_files=true"
-                ) from exc
+                raise bad_file(path, exc) from exc
             bad.append(path)
     if bad:
         log.warning("skipped %d unreadable image file(s), e.g. %s", len(bad), bad[0])
