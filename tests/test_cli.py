@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -177,3 +178,18 @@ def test_ddp_on_cpu_writes_one_run_dir(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))[-1] == "last.ckpt"
     assert len(list((run_dir / "samples").glob("grid_*.png"))) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no second output dir per rank
+
+
+def test_console_scripts_find_their_configs(tmp_path):
+    script = shutil.which("ddpm-sample")
+    if script is None:
+        pytest.skip("ddpm is not pip-installed")
+    result = subprocess.run(
+        [script, "ckpt_path=missing.ckpt", f"out_dir={tmp_path / 'o'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "error: checkpoint not found: missing.ckpt" in result.stderr
