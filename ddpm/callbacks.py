@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ddpm.features import build_feature_extractor
 from ddpm.images import bar_chart, make_grid, save_png, side_by_side, to_uint8
-from ddpm.metrics import extract_features, fid_kid, reference_key, reference_stats
+from ddpm.metrics import data_reference, extract_features, fid_kid
 from ddpm.samplers import DDPMSampler
 
 
@@ -250,11 +250,8 @@ class SampleQuality(L.Callback):
         data = trainer.datamodule
         self.load_extractor(data)
         self.extractor.to(pl_module.device)
-        key = reference_key(
-            data.name, self.reference_split, self._name, data.image_size, data.split_id
-        )
-        self.reference, _ = reference_stats(
-            key, lambda: data.split_images(self.reference_split), self.extractor, pl_module.device
+        _, self.reference = data_reference(
+            data, self.reference_split, self._name, self.extractor, pl_module.device
         )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -49,14 +49,16 @@ def load_digits(root: Path, download: bool, channels: int) -> Source:
     return Source(labels=torch.from_numpy(digits.target).long(), images=images)
 
 
-def _idx_loader(folder: str, torchvision_name: str, name: str) -> Callable[..., Source]:
+def _idx_loader(folder: str, name: str) -> Callable[..., Source]:
+    """MNIST-format builder; ``folder`` is also the torchvision class that downloads it."""
+
     def load(root: Path, download: bool, channels: int) -> Source:
         from torchvision.datasets import mnist
 
         raw = root / folder / "raw"
         files = [raw / "train-images-idx3-ubyte", raw / "train-labels-idx1-ubyte"]
         if download and not all(f.is_file() for f in files):
-            getattr(mnist, torchvision_name)(str(root), train=True, download=True)
+            getattr(mnist, folder)(str(root), train=True, download=True)
         for f in files:
             if not f.is_file():
                 raise _missing(f"{name} file {f.name}", root / folder, name)
@@ -106,8 +108,8 @@ def load_folder(root: Path, download: bool, channels: int) -> Source:
 
 BUILDERS: dict[str, Callable[[Path, bool, int], Source]] = {
     "digits": load_digits,
-    "mnist": _idx_loader("MNIST", "MNIST", "mnist"),
-    "fashion_mnist": _idx_loader("FashionMNIST", "FashionMNIST", "fashion_mnist"),
+    "mnist": _idx_loader("MNIST", "mnist"),
+    "fashion_mnist": _idx_loader("FashionMNIST", "fashion_mnist"),
     "cifar10": load_cifar10,
     "folder": load_folder,
 }

@@ -137,6 +137,22 @@ def reference_key(name: str, split: str, extractor: str, image_size: int, split_
     return f"{name}-{split}-{extractor}-{image_size}px-{split_id}-v{STATS_VERSION}"
 
 
+def data_reference(
+    datamodule: object,
+    split: str,
+    extractor_name: str,
+    extractor: nn.Module,
+    device: torch.device | str = "cpu",
+) -> tuple[str, ReferenceStats]:
+    """The cached statistics of ``split`` of ``datamodule`` (an ImageDataModule) under
+    ``extractor``, computed on a miss; returns (cache key, stats)."""
+    key = reference_key(
+        datamodule.name, split, extractor_name, datamodule.image_size, datamodule.split_id
+    )
+    stats, _ = reference_stats(key, lambda: datamodule.split_images(split), extractor, device)
+    return key, stats
+
+
 def evaluate_images(
     images: Tensor,
     datamodule: object,
@@ -151,8 +167,7 @@ def evaluate_images(
 
     name = extractor_name or datamodule.feature_extractor
     extractor = build_feature_extractor(name)
-    key = reference_key(datamodule.name, split, name, datamodule.image_size, datamodule.split_id)
-    reference, _ = reference_stats(key, lambda: datamodule.split_images(split), extractor, device)
+    key, reference = data_reference(datamodule, split, name, extractor, device)
     metrics = fid_kid(reference, extract_features(extractor, images, device=device))
     return {
         **metrics,
