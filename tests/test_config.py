@@ -98,6 +98,7 @@ def test_callbacks_instantiate_with_ema_last(tmp_path):
         "LossByTimestep",
         "SampleQuality",
         "LearningRateMonitor",
+        "TQDMProgressBar",
     } <= set(names)
 
 
