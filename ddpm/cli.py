@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, WeightAveraging
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.callbacks import SampleQuality
@@ -84,7 +84,7 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[L.Callback
 
     Weight averaging goes last, so that the other validation-time callbacks run while the
     averaged (EMA) weights are swapped in. Without a logger, LearningRateMonitor (which
-    needs one) is left out.
+    needs one) is left out; with ``trainer.enable_progress_bar=false``, the progress bar.
     """
     nodes = list((cfg.get("callbacks") or {}).values())
     if cfg.get("eval") is not None:
@@ -94,6 +94,8 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[L.Callback
     ]
     if not has_logger:
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    if (cfg.get("trainer") or {}).get("enable_progress_bar", True) is False:
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     return sorted(callbacks, key=lambda cb: isinstance(cb, WeightAveraging))
 
 

@@ -88,6 +88,12 @@ def test_lr_monitor_is_left_out_without_a_logger(tmp_path):
     assert "LearningRateMonitor" not in [type(cb).__name__ for cb in callbacks]
 
 
+def test_progress_bar_is_left_out_when_disabled(tmp_path):
+    cfg = compose_train(["+trainer.enable_progress_bar=false"], tmp_path)
+    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=False)
+    assert "TQDMProgressBar" not in [type(cb).__name__ for cb in trainer.callbacks]
+
+
 def test_callbacks_instantiate_with_ema_last(tmp_path):
     callbacks = build_callbacks(compose_train([], tmp_path))
     names = [type(cb).__name__ for cb in callbacks]

@@ -15,15 +15,13 @@ from tests.conftest import TINY, compose_train
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     out = tmp_path_factory.mktemp("fit")
-    cfg = compose_train([*TINY, "logger=csv"], out)
+    cfg = compose_train([*TINY, "logger=csv", "+trainer.enable_progress_bar=false"], out)
     torch.manual_seed(0)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     loggers = build_loggers(cfg.logger)
     callbacks = build_callbacks(cfg)
-    trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers, enable_progress_bar=False
-    )
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     trainer.fit(module, datamodule=datamodule)
     return out, trainer, module
 
@@ -112,6 +110,7 @@ def test_checkpoint_can_keep_the_best_by_fid(tmp_path):
             "logger=csv",
             "callbacks.checkpoint.monitor=val/fid",
             "callbacks.checkpoint.filename='best-fid={val/fid:.2f}'",
+            "+trainer.enable_progress_bar=false",
         ],
         tmp_path,
     )
@@ -119,7 +118,6 @@ def test_checkpoint_can_keep_the_best_by_fid(tmp_path):
         cfg.trainer,
         callbacks=build_callbacks(cfg),
         logger=build_loggers(cfg.logger),
-        enable_progress_bar=False,
     )
     trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data))
     checkpoint = trainer.checkpoint_callback
