@@ -7,7 +7,6 @@ training files, so it is the same on every run and every rank.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ddpm.datasets import BUILDERS, bad_file, decode_all, decode_image
-
-log = logging.getLogger(__name__)
+from ddpm.datasets import BUILDERS, decode_all, decode_image, keep_readable, verify_image
 
 
 class TensorImages(Dataset):
@@ -169,19 +166,7 @@ class ImageDataModule(L.LightningDataModule):
     def _verify_files(self, files: list[Path], labels: Tensor) -> tuple[list[Path], Tensor]:
         """Streaming mode: check every file's header at setup; a bad one stops the run, or
         is dropped (with its label) when ``skip_bad_files``."""
-        from PIL import Image
-
-        kept: list[int] = []
-        for i, path in enumerate(files):
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-                kept.append(i)
-            except (OSError, SyntaxError) as exc:
-                if not self.skip_bad_files:
-                    raise bad_file(path, exc) from exc
-        if len(kept) < len(files):
-            log.warning("skipped %d unreadable image file(s)", len(files) - len(kept))
+        kept, _ = keep_readable(files, verify_image, self.skip_bad_files)
         return [files[i] for i in kept], labels[kept]
 
     def split_images(self, split: str) -> Tensor:

@@ -134,14 +134,23 @@ def decode_image(path: Path, image_size: int, channels: int) -> Tensor:
         return TF.pil_to_tensor(image)
 
 
-def decode_all(
-    files: list[Path], labels: Tensor, image_size: int, channels: int, skip_bad_files: bool
-) -> tuple[Tensor, Tensor]:
-    """Decode every file; a bad one stops with its path, or is skipped and counted."""
-    images, kept, bad = [], [], []
+def verify_image(path: Path) -> None:
+    """Check a file's header without decoding its pixels (PIL's ``verify``)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.verify()
+
+
+def keep_readable(
+    files: list[Path], read: Callable[[Path], object], skip_bad_files: bool
+) -> tuple[list[int], list[object]]:
+    """Apply ``read`` to every file: a bad file stops with its path, or is skipped and
+    counted. Returns the indices of the readable files and what ``read`` gave for each."""
+    kept, results, bad = [], [], []
     for i, path in enumerate(files):
         try:
-            images.append(decode_image(path, image_size, channels))
+            results.append(read(path))
             kept.append(i)
         except (OSError, ValueError, SyntaxError) as exc:
             if not skip_bad_files:
@@ -149,6 +158,16 @@ def decode_all(
             bad.append(path)
     if bad:
         log.warning("skipped %d unreadable image file(s), e.g. %s", len(bad), bad[0])
-    if not images:
+    if not kept:
         raise ValueError("no readable images left after skipping bad files")
+    return kept, results
+
+
+def decode_all(
+    files: list[Path], labels: Tensor, image_size: int, channels: int, skip_bad_files: bool
+) -> tuple[Tensor, Tensor]:
+    """Decode every readable file once: uint8 [N, C, S, S] and the matching labels."""
+    kept, images = keep_readable(
+        files, lambda path: decode_image(path, image_size, channels), skip_bad_files
+    )
     return torch.stack(images), labels[kept]
