@@ -20,7 +20,7 @@ from torch import Tensor
 from ddpm.features import build_feature_extractor
 from ddpm.images import bar_chart, make_grid, save_png, side_by_side, to_uint8
 from ddpm.metrics import data_reference, extract_features, fid_kid
-from ddpm.samplers import DDPMSampler
+from ddpm.samplers import Sampler
 
 
 def log_image(loggers: list[Logger], key: str, image: np.ndarray, step: int) -> None:
@@ -76,7 +76,7 @@ class SampleGrid(L.Callback):
         self,
         num_samples: int = 64,
         seed: int = 0,
-        sampler: DDPMSampler | None = None,
+        sampler: Sampler | None = None,
         raw_weights: bool = True,
         trajectory_samples: int = 4,
         trajectory_frames: int = 8,
@@ -210,7 +210,7 @@ class SampleQuality(L.Callback):
         num_samples: int = 500,
         batch_size: int = 250,
         seed: int = 1,
-        sampler: DDPMSampler | None = None,
+        sampler: Sampler | None = None,
         feature_extractor: str | None = None,
         reference_split: str = "train",
         kid_subsets: int = 100,

@@ -203,7 +203,10 @@ def sample(cfg: DictConfig) -> Path:
         "ckpt_path": str(cfg.ckpt_path),
         "num_samples": int(cfg.num_samples),
         "seed": int(cfg.seed),
-        "sampler": {"name": type(used).__name__, **vars(used)},
+        "sampler": {
+            "name": type(used).__name__,
+            **{k: v for k, v in vars(used).items() if not k.startswith("_")},
+        },
     }
     (out / "samples.json").write_text(json.dumps(info, indent=2, default=str))
     if cfg.get("evaluate"):

@@ -80,3 +80,49 @@ def bar_chart(values: list[float], labels: list[str], title: str = "") -> np.nda
         draw.text((x0, base + 4), label, fill="black")
         draw.text((x0, base - h - 12), f"{value:.3f}", fill="black")
     return np.asarray(image)
+
+
+def line_chart(
+    series: dict[str, list[tuple[float, float]]],
+    title: str = "",
+    x_label: str = "",
+    y_label: str = "",
+    log_x: bool = True,
+) -> np.ndarray:
+    """A small RGB line chart [H, W, 3] of named (x, y) series, drawn with PIL."""
+    from PIL import ImageDraw
+
+    width, height, left, right, top, bottom = 640, 400, 60, 170, 30, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    points = [p for pts in series.values() for p in pts if np.isfinite(p[1])]
+    xs = [np.log10(x) if log_x else x for x, _ in points]
+    ys = [y for _, y in points]
+    x_lo, x_hi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y_hi = max(ys) * 1.05 if ys and max(ys) > 0 else 1.0
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        fx = ((np.log10(x) if log_x else x) - x_lo) / (x_hi - x_lo)
+        return left + fx * (width - left - right), height - bottom - y / y_hi * (
+            height - top - bottom
+        )
+
+    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], "black")
+    draw.text((left, 8), title, fill="black")
+    draw.text((4, top), f"{y_hi:.3g}", fill="black")
+    draw.text((4, height - bottom - 10), "0", fill="black")
+    draw.text((4, top + 14), y_label, fill="black")
+    draw.text((width - right - 120, height - 20), x_label, fill="black")
+    for x in sorted({x for x, _ in points}):
+        px, _ = to_px(x, 0)
+        draw.text((px - 8, height - bottom + 4), f"{x:g}", fill="black")
+    colours = [(66, 110, 180), (200, 80, 60), (60, 160, 90), (150, 90, 170), (200, 150, 40)]
+    for i, (name, pts) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        pixels = [to_px(x, y) for x, y in sorted(pts) if np.isfinite(y)]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        for px, py in pixels:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        draw.text((width - right + 10, top + 16 * i), name, fill=colour)
+    return np.asarray(image)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ddpm.objectives import DiffusionLoss, fixed_timesteps_and_noise
 from ddpm.rng import sample_generators
-from ddpm.samplers import DDPMSampler, StepHook
+from ddpm.samplers import Sampler, StepHook
 from ddpm.schedules import NoiseSchedule
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -34,7 +34,7 @@ class DiffusionModule(L.LightningModule):
         net: nn.Module,
         schedule: NoiseSchedule,
         objective: DiffusionLoss,
-        sampler: DDPMSampler,
+        sampler: Sampler,
         optimizer: OptimizerFactory,
         lr_scheduler: SchedulerFactory | None = None,
         image_shape: Sequence[int] = (1, 8, 8),
@@ -42,6 +42,9 @@ class DiffusionModule(L.LightningModule):
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        check = getattr(objective, "check_schedule", None)
+        if check is not None:
+            check(schedule)  # incompatible combinations fail here, before any training
         # Only plain values go to hparams: nn.Modules in hparams break load_from_checkpoint.
         self.save_hyperparameters(
             ignore=["net", "schedule", "objective", "sampler", "optimizer", "lr_scheduler"]
@@ -97,7 +100,7 @@ class DiffusionModule(L.LightningModule):
         indices: int | Sequence[int],
         seed: int = 0,
         batch_size: int | None = None,
-        sampler: DDPMSampler | None = None,
+        sampler: Sampler | None = None,
         progress: bool = False,
         on_step: StepHook | None = None,
     ) -> Tensor:

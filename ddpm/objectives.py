@@ -14,21 +14,67 @@ from ddpm.schedules import PREDICTION_TYPES, NoiseSchedule
 Model = Callable[[Tensor, Tensor], Tensor]
 
 
+WEIGHTINGS = ("uniform", "min_snr")
+
+
+def min_snr_weight(snr: Tensor, prediction_type: str, gamma: float) -> Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023, Eq. 8 and Sec. 3.4).
+
+    The x_0 loss weighted by min(SNR, gamma) is, in each parameterisation's own MSE:
+    epsilon: ||eps err||^2 = SNR ||x_0 err||^2            -> weight min(SNR, gamma) / SNR;
+    sample:  the x_0 MSE itself                            -> weight min(SNR, gamma);
+    v:       ||v err||^2 = (SNR + 1) ||x_0 err||^2         -> weight min(SNR, gamma) / (SNR + 1).
+    """
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "sample":
+        return clipped
+    return clipped / (snr + 1.0)
+
+
 class DiffusionLoss:
-    """Simplified DDPM loss L_simple = E_{t, x_0, eps} ||target - f_theta(x_t, t)||^2
+    """Simplified DDPM loss L_simple = E_{t, x_0, eps} w(t) ||target - f_theta(x_t, t)||^2
     (Ho et al. 2020, Eq. 14), with t ~ U{0, ..., T-1}.
 
-    With ``prediction_type="epsilon"`` the target is the noise eps, exactly the paper's
-    loss; ``sample`` and ``v_prediction`` regress x_0 or v instead.
+    With ``prediction_type="epsilon"`` and ``weighting="uniform"`` (w = 1) it is exactly
+    the paper's loss; ``sample`` and ``v_prediction`` regress x_0 or v instead, and
+    ``weighting="min_snr"`` applies Hang et al. 2023's min(SNR, ``min_snr_gamma``) weight
+    expressed for the chosen prediction type.
     """
 
-    def __init__(self, prediction_type: str = "epsilon") -> None:
+    def __init__(
+        self,
+        prediction_type: str = "epsilon",
+        weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+    ) -> None:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"objective.prediction_type={prediction_type!r} is unknown; "
                 f"choose one of {list(PREDICTION_TYPES)}"
             )
+        if weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"objective.weighting={weighting!r} is unknown; choose one of {list(WEIGHTINGS)}"
+            )
+        if not float(min_snr_gamma) > 0:
+            raise ValueError(
+                f"objective.min_snr_gamma={min_snr_gamma!r} must be > 0 (Hang et al. use 5)"
+            )
         self.prediction_type = prediction_type
+        self.weighting = weighting
+        self.min_snr_gamma = float(min_snr_gamma)
+
+    def check_schedule(self, schedule: NoiseSchedule) -> None:
+        """Refuse a schedule this objective cannot train: with zero terminal SNR, an
+        epsilon network's x_0 = (x_T - eps) / 0 is undefined at t = T-1, and its min-SNR
+        weight is 0/0 (Lin et al. 2023, Sec. 3.2)."""
+        if schedule.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError(
+                "schedule.zero_terminal_snr=true needs objective.prediction_type="
+                "v_prediction (or sample): an epsilon network cannot recover x_0 at zero SNR"
+            )
 
     def __call__(
         self,
@@ -47,7 +93,12 @@ class DiffusionLoss:
         target = schedule.target(x0, noise, t, self.prediction_type)
         # The regression is done in float32 even under autocast (fp16 squares overflow).
         err = (model(x_t, t).float() - target.float()) ** 2
-        return err.flatten(1).mean(dim=1)  # [B, C, H, W] -> [B]
+        loss = err.flatten(1).mean(dim=1)  # [B, C, H, W] -> [B]
+        if self.weighting == "min_snr":
+            loss = loss * min_snr_weight(
+                schedule.snr(t).float(), self.prediction_type, self.min_snr_gamma
+            )
+        return loss
 
 
 def fixed_timesteps_and_noise(

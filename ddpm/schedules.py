@@ -7,6 +7,7 @@ them with the module and no code calls ``.to(device)`` on them.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -16,20 +17,22 @@ from torch import Tensor, nn
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
-def linear_beta_schedule(num_timesteps: int) -> Tensor:
+def linear_beta_schedule(
+    num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> Tensor:
     """Linear betas from 1e-4 to 0.02 (Ho et al. 2020, Sec. 4), float64.
 
     For T != 1000 the end points are scaled by 1000/T so that the total noise stays
     comparable (Nichol & Dhariwal 2021, improved-diffusion ``get_named_beta_schedule``).
     """
     scale = 1000.0 / num_timesteps
-    if scale * 0.02 >= 1.0:
+    if scale * beta_end >= 1.0:
         raise ValueError(
             f"schedule.num_timesteps={num_timesteps} is too small for the linear schedule "
             "(its betas, scaled by 1000/T, would reach 1); use num_timesteps >= 21 or "
             "schedule=cosine"
         )
-    return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+    return torch.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64)
 
 
 def cosine_beta_schedule(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -46,9 +49,71 @@ def cosine_beta_schedule(num_timesteps: int, s: float = 0.008, max_beta: float =
     return betas.clamp(max=max_beta)
 
 
-BETA_SCHEDULES: dict[str, Callable[[int], Tensor]] = {
+def scaled_linear_beta_schedule(
+    num_timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> Tensor:
+    """Betas whose square roots are linear (Rombach et al. 2022, latent diffusion /
+    Stable Diffusion), float64. End points are scaled by 1000/T like ``linear``."""
+    scale = 1000.0 / num_timesteps
+    if scale * beta_end >= 1.0:
+        raise ValueError(
+            f"schedule.num_timesteps={num_timesteps} is too small for the scaled_linear "
+            "schedule (its betas, scaled by 1000/T, would reach 1); use more timesteps"
+        )
+    roots = torch.linspace(
+        math.sqrt(scale * beta_start),
+        math.sqrt(scale * beta_end),
+        num_timesteps,
+        dtype=torch.float64,
+    )
+    return roots**2
+
+
+def sigmoid_beta_schedule(
+    num_timesteps: int,
+    start: float = -3.0,
+    end: float = 3.0,
+    tau: float = 1.0,
+    max_beta: float = 0.999,
+) -> Tensor:
+    """Sigmoid schedule (Chen 2023, "On the importance of noise scheduling", Algorithm 1;
+    Jabri et al. 2022), float64.
+
+    alpha_bar(t) = (sigmoid(end / tau) - sigmoid((t (end - start) + start) / tau))
+                   / (sigmoid(end / tau) - sigmoid(start / tau)), t in [0, 1],
+    and beta_t = 1 - alpha_bar(t+1) / alpha_bar(t), clipped at ``max_beta`` like cosine.
+    """
+    if not end > start or not tau > 0:
+        raise ValueError(
+            f"sigmoid schedule needs end > start and tau > 0, got start={start}, end={end}, "
+            f"tau={tau}"
+        )
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    v_start = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64))
+    v_end = torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
+    alphas_cumprod = (v_end - torch.sigmoid((steps * (end - start) + start) / tau)) / (
+        v_end - v_start
+    )
+    betas = 1.0 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(max=max_beta)
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Shift and scale sqrt(alpha_bar) so that it is unchanged at t = 0 and exactly 0 at
+    t = T-1: zero terminal SNR (Lin et al. 2023, Algorithm 1). The last beta becomes 1."""
+    sqrt_abar = torch.cumprod(1.0 - betas.to(torch.float64), dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
+BETA_SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "linear": linear_beta_schedule,
+    "scaled_linear": scaled_linear_beta_schedule,
     "cosine": cosine_beta_schedule,
+    "sigmoid": sigmoid_beta_schedule,
 }
 
 
@@ -98,17 +163,47 @@ class NoiseSchedule(nn.Module):
             self.register_buffer(name, value.to(torch.float32), persistent=False)
 
     @classmethod
-    def from_name(cls, name: str, num_timesteps: int = 1000) -> NoiseSchedule:
-        """Build a named schedule: ``linear`` or ``cosine``."""
+    def from_name(
+        cls,
+        name: str,
+        num_timesteps: int = 1000,
+        zero_terminal_snr: bool = False,
+        **params: float,
+    ) -> NoiseSchedule:
+        """Build a named schedule (``linear``, ``scaled_linear``, ``cosine``, ``sigmoid``).
+
+        ``params`` go to the beta function (e.g. ``beta_end`` for linear, ``tau`` for
+        sigmoid); ``zero_terminal_snr`` rescales the result (Lin et al. 2023).
+        """
         if name not in BETA_SCHEDULES:
             raise ValueError(
                 f"schedule.name={name!r} is unknown; choose one of {sorted(BETA_SCHEDULES)}"
             )
-        if not isinstance(num_timesteps, int) or num_timesteps < 1:
+        if (
+            not isinstance(num_timesteps, int)
+            or isinstance(num_timesteps, bool)
+            or (num_timesteps < 1)
+        ):
             raise ValueError(
                 f"schedule.num_timesteps={num_timesteps!r} must be an integer >= 1 (e.g. 1000)"
             )
-        return cls(BETA_SCHEDULES[name](num_timesteps))
+        if not isinstance(zero_terminal_snr, bool):
+            raise ValueError(
+                f"schedule.zero_terminal_snr={zero_terminal_snr!r} must be true or false"
+            )
+        allowed = list(inspect.signature(BETA_SCHEDULES[name]).parameters)[1:]
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"schedule.{unknown[0]} is not a parameter of the {name} schedule; "
+                f"it takes {allowed}"
+            )
+        betas = BETA_SCHEDULES[name](num_timesteps, **params)
+        if zero_terminal_snr:
+            if num_timesteps < 2:
+                raise ValueError("schedule.zero_terminal_snr=true needs num_timesteps >= 2")
+            betas = rescale_zero_terminal_snr(betas)
+        return cls(betas)
 
     @property
     def num_timesteps(self) -> int:
@@ -128,6 +223,17 @@ class NoiseSchedule(nn.Module):
             + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
         )
 
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether alpha_bar reaches exactly 0 at t = T-1 (x_T carries no signal)."""
+        return bool(self.alphas_cumprod[-1] == 0)
+
+    def log_snr(self) -> Tensor:
+        """lambda_t = log(alpha_t / sigma_t) for every t, float64 [T] (Lu et al. 2022,
+        Sec. 2; alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)); -inf where abar_t = 0."""
+        abar = self.alphas_cumprod.double()
+        return 0.5 * (abar.log() - (1.0 - abar).log())
+
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio abar_t / (1 - abar_t) (Kingma et al. 2021, Eq. 2)."""
         abar = self.alphas_cumprod.gather(0, t)
@@ -138,6 +244,13 @@ class NoiseSchedule(nn.Module):
         return (
             extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
             - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
+        )
+
+    def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """The noise implied by x_t and an x_0 estimate: (x_t - sqrt(abar) x_0) / sqrt(1 - abar)
+        (Ho et al. Eq. 4 solved for eps); samplers use it after clipping x_0."""
+        return (x_t - extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x0) / extract(
+            self.sqrt_one_minus_alphas_cumprod, t, x_t.shape
         )
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: str) -> Tensor:

@@ -104,12 +104,14 @@ def test_sample_accepts_a_sampler_override(trained, tmp_path):
         f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
         f"out_dir={out}",
         "num_samples=2",
-        "sampler=ddpm",
+        "sampler=ddim",
         "sampler.steps=5",
+        "sampler.eta=0.5",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert '"steps": 5' in (out / "samples.json").read_text()
+    info = json.loads((out / "samples.json").read_text())["sampler"]
+    assert info["name"] == "DDIMSampler" and info["steps"] == 5 and info["eta"] == 0.5
 
 
 def test_multirun_gives_one_dir_and_one_logger_run_per_job(tmp_path):
@@ -142,6 +144,13 @@ def test_multirun_gives_one_dir_and_one_logger_run_per_job(tmp_path):
         ("train.py", ["model=huge"], "Could not find 'model/huge'"),
         ("train.py", ["data.image_size=7"], "error: data.image_size=7 must be divisible by 2"),
         ("train.py", ["schedule.num_timesteps=0"], "error: schedule.num_timesteps=0 must be"),
+        (
+            "train.py",
+            ["schedule.zero_terminal_snr=true"],
+            "error: schedule.zero_terminal_snr=true needs objective.prediction_type=v_prediction",
+        ),
+        ("train.py", ["sampler=ddim", "sampler.eta=2"], "error: sampler.eta=2 must lie in [0, 1]"),
+        ("train.py", ["objective.weighting=snr"], "error: objective.weighting='snr' is unknown"),
         ("sample.py", ["ckpt_path=nowhere.ckpt"], "error: checkpoint not found: nowhere.ckpt"),
         ("sample.py", ["ckpt_path=garbage.ckpt"], "error: cannot read checkpoint garbage.ckpt"),
     ],

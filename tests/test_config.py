@@ -9,7 +9,8 @@ from hydra.utils import instantiate
 
 from ddpm.cli import build_callbacks, build_module
 from ddpm.loggers import build_loggers
-from tests.conftest import CONF, compose_train
+from ddpm.module import DiffusionModule
+from tests.conftest import CONF, TINY, compose_train
 
 
 def options(group: str) -> list[str]:
@@ -18,23 +19,68 @@ def options(group: str) -> list[str]:
 
 def test_groups_have_the_documented_options():
     assert options("model") == ["base", "ddpm_cifar10", "small", "tiny"]
-    assert options("schedule") == ["cosine", "linear"]
+    assert options("schedule") == ["cosine", "linear", "scaled_linear", "sigmoid"]
     assert options("precision") == ["16-mixed", "32-true", "auto", "bf16-mixed"]
     assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
     assert options("logger") == ["csv", "none", "tensorboard", "wandb"]
-    assert options("sampler") == ["ddpm"]
+    assert options("sampler") == ["ddim", "ddpm", "dpm_solver"]
     assert options("data") == ["cifar10", "digits", "fashion_mnist", "folder", "mnist"]
 
 
+def fit_one_step(cfg, tmp_path) -> DiffusionModule:
+    """One real Trainer step (and one validation batch) of the composed config."""
+    module = build_module(cfg)
+    trainer = L.Trainer(
+        fast_dev_run=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    return module
+
+
 @pytest.mark.parametrize("option", options("schedule"))
-def test_schedules_instantiate(option):
-    cfg = compose_train([f"schedule={option}"])
-    assert instantiate(cfg.schedule).num_timesteps == 1000
+def test_every_schedule_trains_and_samples(option, tmp_path):
+    assert instantiate(compose_train([f"schedule={option}"]).schedule).num_timesteps == 1000
+    cfg = compose_train([*TINY, f"schedule={option}", "schedule.num_timesteps=50"], tmp_path)
+    module = fit_one_step(cfg, tmp_path)
+    images = module.sample(2, seed=0)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
 
 
 @pytest.mark.parametrize("option", options("sampler"))
-def test_samplers_instantiate(option):
-    assert hasattr(instantiate(compose_train([f"sampler={option}"]).sampler), "sample")
+def test_every_sampler_trains_and_samples(option, tmp_path):
+    cfg = compose_train([*TINY, f"sampler={option}", "sampler.steps=4"], tmp_path)
+    module = fit_one_step(cfg, tmp_path)
+    assert type(module.sampler).__name__.lower().startswith(option.replace("_", "")[:4])
+    images = module.sample(2, seed=0)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def test_zero_terminal_snr_trains_with_v_prediction(tmp_path):
+    cfg = compose_train(
+        [
+            *TINY,
+            "schedule.zero_terminal_snr=true",
+            "objective.prediction_type=v_prediction",
+            "objective.weighting=min_snr",
+            "sampler=dpm_solver",
+            "sampler.steps=4",
+        ],
+        tmp_path,
+    )
+    module = fit_one_step(cfg, tmp_path)
+    assert module.schedule.zero_terminal_snr
+    assert torch.isfinite(module.sample(2, seed=0)).all()
+
+
+def test_zero_terminal_snr_with_epsilon_is_refused_before_training(tmp_path):
+    cfg = compose_train(["schedule.zero_terminal_snr=true"], tmp_path)
+    with pytest.raises(ValueError, match=r"needs objective\.prediction_type=v_prediction"):
+        build_module(cfg)
 
 
 @pytest.mark.parametrize("option", options("data"))

@@ -56,3 +56,37 @@ def test_fixed_validation_noise_depends_on_the_index_only():
     t_other, _ = fixed_timesteps_and_noise(list(range(50)), (1, 4, 4), 1000, seed=4)
     assert t_all.dtype == torch.long and int(t_other.min()) >= 0 and int(t_other.max()) < 1000
     assert len(set(t_other.tolist())) > 30  # spread over the chain, not one timestep
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_min_snr_weights_match_the_closed_form(prediction_type):
+    """Hang et al. 2023: every parameterisation's weighted loss equals
+    min(SNR, gamma) * ||x0 - x0_hat||^2."""
+    s = NoiseSchedule.from_name("cosine", num_timesteps=1000)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(6, 1, 4, 4, generator=g)
+    noise = torch.randn(6, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 50, 200, 500, 800, 999])
+    wrong = torch.randn(6, 1, 4, 4, generator=g)  # any network output
+    loss = DiffusionLoss(prediction_type, weighting="min_snr", min_snr_gamma=5.0)(
+        lambda x, t_: wrong, s, x0, t, noise
+    )
+    x_t = s.q_sample(x0, t, noise)
+    x0_hat, _ = s.predict_x0_eps(x_t, t, wrong, prediction_type)
+    snr = s.snr(t).double()
+    expected = snr.clamp(max=5.0) * (x0_hat - x0).double().pow(2).flatten(1).mean(1)
+    assert torch.allclose(loss.double(), expected, rtol=2e-3)
+    weights = {
+        "epsilon": snr.clamp(max=5) / snr,
+        "sample": snr.clamp(max=5),
+        "v_prediction": snr.clamp(max=5) / (snr + 1),
+    }[prediction_type]
+    uniform = DiffusionLoss(prediction_type)(lambda x, t_: wrong, s, x0, t, noise)
+    assert torch.allclose(loss.double(), weights * uniform.double(), rtol=1e-5)
+
+
+def test_bad_objective_values_are_refused():
+    with pytest.raises(ValueError, match=r"objective\.weighting='snr' is unknown"):
+        DiffusionLoss(weighting="snr")
+    with pytest.raises(ValueError, match=r"objective\.min_snr_gamma=0 must be > 0"):
+        DiffusionLoss(weighting="min_snr", min_snr_gamma=0)

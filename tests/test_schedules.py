@@ -112,3 +112,66 @@ def test_snr_is_alpha_bar_ratio():
 def test_from_name_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         NoiseSchedule.from_name(**kwargs)
+
+
+def test_scaled_linear_is_linear_in_sqrt_beta():
+    s = NoiseSchedule.from_name("scaled_linear")
+    roots = s.betas.double().sqrt()
+    assert roots[0].item() == pytest.approx(0.00085**0.5, rel=1e-5)
+    assert roots[-1].item() == pytest.approx(0.012**0.5, rel=1e-5)
+    assert torch.allclose(roots.diff(), roots.diff()[:1].expand(999), atol=1e-7)
+
+
+def test_sigmoid_schedule_closed_form():
+    """Chen 2023, Algorithm 1 with start=-3, end=3, tau=1."""
+    T = 1000
+    s = NoiseSchedule.from_name("sigmoid", num_timesteps=T)
+
+    def sig(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    for t in (0, 100, 499, 900):
+        u = (t + 1) / T
+        expected = (sig(3) - sig(u * 6 - 3)) / (sig(3) - sig(-3))
+        assert s.alphas_cumprod[t].item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine", "sigmoid"])
+def test_zero_terminal_snr_rescale(name):
+    """Lin et al. 2023, Algorithm 1: sqrt(abar) keeps its first value, ends at exactly 0
+    and stays an affine map of the original."""
+    plain = NoiseSchedule.from_name(name)
+    zero = NoiseSchedule.from_name(name, zero_terminal_snr=True)
+    assert zero.zero_terminal_snr and not plain.zero_terminal_snr
+    assert zero.alphas_cumprod[-1].item() == 0.0 and zero.betas[-1].item() == 1.0
+    assert zero.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-6)
+    a, b = plain.sqrt_alphas_cumprod.double(), zero.sqrt_alphas_cumprod.double()
+    expected = (a - a[-1]) * a[0] / (a[0] - a[-1])
+    assert torch.allclose(b, expected, atol=1e-6)
+    assert torch.isinf(zero.log_snr()[-1]) and torch.isfinite(zero.log_snr()[:-1]).all()
+
+
+def test_eps_from_x0_inverts_q_sample():
+    s = NoiseSchedule.from_name("cosine")
+    g = torch.Generator().manual_seed(4)
+    x0, noise = torch.randn(2, 5, 1, 3, 3, generator=g)
+    t = torch.tensor([0, 100, 500, 900, 999])
+    assert torch.allclose(s.eps_from_x0(s.q_sample(x0, t, noise), t, x0), noise, atol=1e-4)
+
+
+def test_v_round_trip_at_zero_terminal_snr():
+    s = NoiseSchedule.from_name("linear", zero_terminal_snr=True)
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(2, 3, 1, 2, 2, generator=g)
+    t = torch.tensor([0, 500, 999])
+    x_t = s.q_sample(x0, t, noise)
+    x0_hat, eps_hat = s.predict_x0_eps(x_t, t, s.velocity(x0, noise, t), "v_prediction")
+    assert torch.allclose(x0_hat, x0, atol=1e-5) and torch.allclose(eps_hat, noise, atol=1e-5)
+
+
+def test_schedule_parameters_are_checked():
+    with pytest.raises(ValueError, match=r"schedule\.s is not a parameter of the linear"):
+        NoiseSchedule.from_name("linear", s=0.008)
+    with pytest.raises(ValueError, match=r"schedule\.zero_terminal_snr='yes' must be true"):
+        NoiseSchedule.from_name("cosine", zero_terminal_snr="yes")
+    assert NoiseSchedule.from_name("linear", beta_end=0.01).betas[-1].item() == pytest.approx(0.01)

@@ -1,0 +1,135 @@
+"""Sample quality against sampling cost: FID (digits features) and wall-clock per image
+for several samplers and step counts on one checkpoint.
+
+    python benchmarks/quality_vs_steps.py --ckpt RUN/checkpoints/last.ckpt
+    python benchmarks/quality_vs_steps.py            # trains the default digits run first
+    python benchmarks/quality_vs_steps.py --ckpt C ddim-20:spacing=leading dpm_solver-10
+
+A spec is SAMPLER-STEPS[:key=value,...]; SAMPLER is a file of conf/sampler/, whose values
+are the defaults. Writes OUT/table.md, OUT/results.json, OUT/fid_vs_nfe.png and one
+64-image grid per spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ddpm.cli import load_module
+from ddpm.features import build_feature_extractor
+from ddpm.images import line_chart, make_grid, save_png, to_uint8
+from ddpm.metrics import data_reference, extract_features, fid_kid
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SPECS = [
+    "ddpm-1000",
+    "ddpm-250",
+    "ddim-10",
+    "ddim-20",
+    "ddim-50",
+    "ddim-100",
+    "dpm_solver-10",
+    "dpm_solver-20",
+]
+
+
+def build_sampler(spec: str) -> object:
+    """``ddim-20:spacing=leading,eta=0.5`` -> the configured sampler object."""
+    head, _, extra = spec.partition(":")
+    name, _, steps = head.rpartition("-")
+    path = ROOT / "conf" / "sampler" / f"{name}.yaml"
+    if not path.is_file() or not steps.isdigit():
+        raise SystemExit(f"error: bad spec {spec!r}; use SAMPLER-STEPS[:key=value,...]")
+    cfg = OmegaConf.load(path)
+    cfg.steps = int(steps)
+    for item in filter(None, extra.split(",")):
+        key, _, value = item.partition("=")
+        OmegaConf.update(cfg, key, OmegaConf.create(f"v: {value}").v)
+    return instantiate(cfg)
+
+
+def train_default(run_dir: Path) -> Path:
+    """Train ``python train.py`` (the default digits run) into ``run_dir``."""
+    command = [sys.executable, str(ROOT / "train.py"), "logger=none", f"hydra.run.dir={run_dir}"]
+    print("training:", " ".join(command), flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("specs", nargs="*", default=DEFAULT_SPECS)
+    parser.add_argument("--ckpt", type=Path, help="digits checkpoint (default: train one)")
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality_vs_steps"))
+    args = parser.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = args.ckpt or train_default(args.out / "default_run")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = load_module(ckpt).to(device)
+    data_cfg = module.hparams.config["data"]
+    datamodule = instantiate(OmegaConf.create(data_cfg))
+    extractor_name = datamodule.feature_extractor
+    extractor = build_feature_extractor(extractor_name)
+    _, reference = data_reference(datamodule, "train", extractor_name, extractor, device)
+    prediction_type = module.objective.prediction_type
+
+    rows = []
+    for spec in args.specs:
+        sampler = build_sampler(spec)
+        nfe = len(sampler.timesteps(module.schedule, prediction_type))
+        start = time.perf_counter()
+        images = module.sample(
+            args.num_samples, seed=args.seed, batch_size=args.batch_size, sampler=sampler
+        )
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        metrics = fid_kid(reference, extract_features(extractor, images, device=device))
+        save_png(make_grid(to_uint8(images[:64])), args.out / f"grid_{spec}.png")
+        row = {
+            "spec": spec,
+            "nfe": nfe,
+            "fid": metrics["fid"],
+            "ms_per_image": 1e3 * seconds / len(images),
+        }
+        rows.append(row)
+        print(
+            f"{spec:32s} NFE {nfe:5d}  FID {row['fid']:7.2f}  {row['ms_per_image']:8.2f} ms/image",
+            flush=True,
+        )
+
+    schedule = module.hparams.config["schedule"]
+    header = (
+        f"checkpoint `{ckpt}` ({schedule['name']} schedule, {prediction_type} prediction); "
+        f"{args.num_samples} samples, seed {args.seed}, {extractor_name} features vs "
+        f"{reference.num_samples} train images; {device}, {torch.get_num_threads()} threads\n\n"
+        "| sampler | NFE | FID | ms / image |\n|---|---:|---:|---:|\n"
+    )
+    table = header + "".join(
+        f"| {r['spec']} | {r['nfe']} | {r['fid']:.2f} | {r['ms_per_image']:.2f} |\n" for r in rows
+    )
+    (args.out / "table.md").write_text(table)
+    (args.out / "results.json").write_text(json.dumps({"ckpt": str(ckpt), "rows": rows}, indent=2))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        series.setdefault(re.sub(r"-\d+", "", r["spec"]), []).append((r["nfe"], r["fid"]))
+    chart = line_chart(series, "FID vs network evaluations", "NFE (log)", "FID")
+    save_png(chart, args.out / "fid_vs_nfe.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
