@@ -329,8 +329,8 @@ class DPMSolverSampler(Sampler):
     def __init__(
         self,
         steps: int | None = 20,
-        solver: str = "ode",
-        spacing: str = "logsnr",
+        solver: str = "sde",
+        spacing: str = "trailing",
         clip_denoised: bool = True,
         dynamic_threshold: float | None = None,
         min_log_snr: float | None = -5.1,

@@ -40,8 +40,12 @@ SAMPLERS = {
     "ddim-eta1-250": lambda: DDIMSampler(
         steps=250, eta=1.0, spacing="linspace", clip_denoised=False
     ),
-    "dpm_solver-20": lambda: DPMSolverSampler(steps=20, clip_denoised=False),
-    "dpm_solver-sde-50": lambda: DPMSolverSampler(steps=50, solver="sde", clip_denoised=False),
+    "dpm_solver-ode-20": lambda: DPMSolverSampler(
+        steps=20, solver="ode", spacing="logsnr", clip_denoised=False
+    ),
+    "dpm_solver-sde-50": lambda: DPMSolverSampler(
+        steps=50, solver="sde", spacing="logsnr", clip_denoised=False
+    ),
 }
 SCHEDULES = {
     "linear": lambda: NoiseSchedule.from_name("linear"),
@@ -157,7 +161,7 @@ def test_samplers_start_from_a_given_x_T():
     schedule = NoiseSchedule.from_name("cosine", num_timesteps=100)
     model = gaussian_model(schedule, M, S)
     x_T = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(9))
-    for sampler in (DDIMSampler(steps=10), DPMSolverSampler(steps=10)):
+    for sampler in (DDIMSampler(steps=10), DPMSolverSampler(steps=10, solver="ode")):
         a = sampler.sample(model, schedule, x_T.shape, x_T=x_T)
         b = sampler.sample(model, schedule, x_T.shape, x_T=x_T.clone())
         assert torch.equal(a, b)
