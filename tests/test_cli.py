@@ -91,7 +91,7 @@ def test_sample_evaluate_writes_metrics_json(trained, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["fid"] > 0 and metrics["kid_std"] >= 0 and "kid_mean" in metrics
     assert metrics["feature_extractor"] == "digits" and metrics["num_samples"] == 20
-    assert metrics["sampler"] == {"name": "DDPMSampler", "steps": 10, "clip_denoised": True}
+    assert metrics["sampler"]["name"] == "DDPMSampler" and metrics["sampler"]["steps"] == 10
     assert metrics["reference"]["split"] == "train" and metrics["reference"]["num_images"] > 1000
     assert "fid=" in result.stdout
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from ddpm.callbacks import SampleGrid
 from ddpm.cli import build_callbacks, build_module
 from ddpm.loggers import build_loggers
 from ddpm.module import DiffusionModule
@@ -27,10 +28,11 @@ def test_groups_have_the_documented_options():
     assert options("data") == ["cifar10", "digits", "fashion_mnist", "folder", "mnist"]
 
 
-def fit_one_step(cfg, tmp_path) -> DiffusionModule:
+def fit_one_step(cfg, tmp_path, callbacks=()) -> DiffusionModule:
     """One real Trainer step (and one validation batch) of the composed config."""
     module = build_module(cfg)
     trainer = L.Trainer(
+        callbacks=list(callbacks),
         fast_dev_run=1,
         accelerator="cpu",
         logger=False,
@@ -54,7 +56,11 @@ def test_every_schedule_trains_and_samples(option, tmp_path):
 @pytest.mark.parametrize("option", options("sampler"))
 def test_every_sampler_trains_and_samples(option, tmp_path):
     cfg = compose_train([*TINY, f"sampler={option}", "sampler.steps=4"], tmp_path)
-    module = fit_one_step(cfg, tmp_path)
+    # the training-time grid and trajectory drawn with this sampler (sampler: null)
+    grid = SampleGrid(num_samples=2, sampler=None, trajectory_samples=1)
+    module = fit_one_step(cfg, tmp_path, [grid])
+    assert grid.last_path is not None and grid.last_path.is_file()
+    assert list((tmp_path / "samples").glob("trajectory_step=*.png"))
     assert type(module.sampler).__name__.lower().startswith(option.replace("_", "")[:4])
     images = module.sample(2, seed=0)
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
