@@ -101,7 +101,7 @@ class Sampler:
         ``min_log_snr`` truncates the top of the range for epsilon prediction only: a v or
         x_0 network's x_0 estimate does not blow up at low SNR (see ``first_timestep``).
         """
-        log_snr = schedule.log_snr()
+        log_snr = schedule.log_snr().cpu()  # [T] float64; spacing is host-side integer work
         floor = self.min_log_snr if prediction_type == "epsilon" else None
         t_max = first_timestep(log_snr, floor)
         return spaced_timesteps(t_max + 1, self.steps, self.spacing, log_snr)
