@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -58,12 +59,23 @@ def _check_prediction_type(prediction_type: str, schedule: NoiseSchedule) -> Non
         )
 
 
+@dataclass(frozen=True)
+class Move:
+    """One update of a chain: from alpha-bar ``abar_t`` to ``abar_prev`` (1.0 when ``last``:
+    the clean sample); ``noise()`` draws fresh N(0, I) for the batch from its generator."""
+
+    abar_t: float
+    abar_prev: float
+    last: bool
+    noise: Callable[[], Tensor]
+
+
 class Sampler:
     """What every sampler shares: the timestep list, the network call with its conversion
     to (x_0, eps), x_0 clipping or thresholding, the progress bar and the step hook.
 
-    Subclasses implement ``step``: one move from timestep ``t`` to ``prev`` (``None``: the
-    clean sample) given the x_0 and eps estimates at ``t``.
+    Subclasses implement ``step``: one ``Move`` from timestep t to the next given the x_0
+    and eps estimates at t.
     """
 
     name = "sampler"
@@ -148,24 +160,19 @@ class Sampler:
             if on_step is not None:
                 on_step(step, x, x0)
             prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            abar_prev = abar[prev] if prev is not None else 1.0
-            x = self.step(x, x0, eps, abar[step], abar_prev, prev is None, shape, generator)
+            move = Move(
+                abar_t=abar[step],
+                abar_prev=abar[prev] if prev is not None else 1.0,
+                last=prev is None,
+                noise=lambda: randn(shape, generator, device),
+            )
+            x = self.step(x, x0, eps, move)
         return x
 
     def start(self) -> None:
         """Reset per-chain state (multistep solvers keep a history)."""
 
-    def step(
-        self,
-        x: Tensor,
-        x0: Tensor,
-        eps: Tensor,
-        abar_t: float,
-        abar_prev: float,
-        last: bool,
-        shape: Sequence[int],
-        generator: Generators,
-    ) -> Tensor:
+    def step(self, x: Tensor, x0: Tensor, eps: Tensor, move: Move) -> Tensor:
         raise NotImplementedError
 
 
@@ -202,17 +209,8 @@ class DDPMSampler(Sampler):
             )
         self.variance = variance
 
-    def step(
-        self,
-        x: Tensor,
-        x0: Tensor,
-        eps: Tensor,
-        abar_t: float,
-        abar_prev: float,
-        last: bool,
-        shape: Sequence[int],
-        generator: Generators,
-    ) -> Tensor:
+    def step(self, x: Tensor, x0: Tensor, eps: Tensor, move: Move) -> Tensor:
+        abar_t, abar_prev = move.abar_t, move.abar_prev
         alpha_t = abar_t / abar_prev  # = 1 - beta_t when no step is skipped
         beta_t = 1.0 - alpha_t
         # mu~_t(x_t, x_0) (Ho et al. 2020, Eq. 7); with x0 from eps and no clipping this
@@ -220,10 +218,10 @@ class DDPMSampler(Sampler):
         coef_x0 = math.sqrt(abar_prev) * beta_t / (1.0 - abar_t)
         coef_xt = math.sqrt(alpha_t) * (1.0 - abar_prev) / (1.0 - abar_t)
         mean = coef_x0 * x0 + coef_xt * x
-        if last:
+        if move.last:
             return mean
         var = beta_t if self.variance == "fixed_large" else beta_t * (1 - abar_prev) / (1 - abar_t)
-        return mean + math.sqrt(var) * randn(shape, generator, x.device)
+        return mean + math.sqrt(var) * move.noise()
 
 
 class DDIMSampler(Sampler):
@@ -252,23 +250,14 @@ class DDIMSampler(Sampler):
             raise ValueError(f"sampler.eta={eta!r} must lie in [0, 1] (0: deterministic DDIM)")
         self.eta = float(eta)
 
-    def step(
-        self,
-        x: Tensor,
-        x0: Tensor,
-        eps: Tensor,
-        abar_t: float,
-        abar_prev: float,
-        last: bool,
-        shape: Sequence[int],
-        generator: Generators,
-    ) -> Tensor:
+    def step(self, x: Tensor, x0: Tensor, eps: Tensor, move: Move) -> Tensor:
+        abar_t, abar_prev = move.abar_t, move.abar_prev
         # sigma_t of Song et al. 2021, Eq. 16
         var = self.eta**2 * (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
         # direction pointing to x_t (Eq. 12); max() guards float round-off at eta = 1
         x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - var, 0.0)) * eps
-        if var > 0 and not last:
-            x = x + math.sqrt(var) * randn(shape, generator, x.device)
+        if var > 0 and not move.last:
+            x = x + math.sqrt(var) * move.noise()
         return x
 
     @torch.no_grad()
@@ -344,22 +333,12 @@ class DPMSolverSampler(Sampler):
     def start(self) -> None:
         self._history = []
 
-    def step(
-        self,
-        x: Tensor,
-        x0: Tensor,
-        eps: Tensor,
-        abar_t: float,
-        abar_prev: float,
-        last: bool,
-        shape: Sequence[int],
-        generator: Generators,
-    ) -> Tensor:
-        alpha_t, sigma_t = math.sqrt(abar_t), math.sqrt(1 - abar_t)
-        alpha_n, sigma_n = math.sqrt(abar_prev), math.sqrt(1 - abar_prev)
+    def step(self, x: Tensor, x0: Tensor, eps: Tensor, move: Move) -> Tensor:
+        alpha_t, sigma_t = math.sqrt(move.abar_t), math.sqrt(1 - move.abar_t)
+        alpha_n, sigma_n = math.sqrt(move.abar_prev), math.sqrt(1 - move.abar_prev)
         lam_t = math.log(alpha_t / sigma_t) if alpha_t > 0 else -math.inf
         d = x0
-        if self._history and not last:
+        if self._history and not move.last:
             lam_before, x0_before = self._history[-1]
             h_before = lam_t - lam_before
             if math.isfinite(h_before):
@@ -370,6 +349,6 @@ class DPMSolverSampler(Sampler):
         if self.solver == "ode":
             return (sigma_n / sigma_t) * x + alpha_n * (1 - e_h) * d
         x = (sigma_n / sigma_t) * e_h * x + alpha_n * (1 - e_h**2) * d
-        if not last:
-            x = x + sigma_n * math.sqrt(1 - e_h**2) * randn(shape, generator, x.device)
+        if not move.last:
+            x = x + sigma_n * math.sqrt(1 - e_h**2) * move.noise()
         return x
