@@ -299,7 +299,9 @@ class DDIMSampler(Sampler):
 class DPMSolverSampler(Sampler):
     """DPM-Solver++(2M), the second-order multistep solver in data prediction (Lu et al.
     2022, "DPM-Solver++", Algorithm 2), for the diffusion ODE or, with ``solver="sde"``,
-    the reverse SDE (SDE-DPM-Solver++(2M), the same paper's stochastic variant).
+    the reverse SDE: SDE-DPM-Solver++(2M) (k-diffusion's ``dpmpp_2m_sde``, diffusers'
+    ``sde-dpmsolver++``), the exact solution of the SDE's linear part in data prediction
+    with the same 2M correction.
 
     With lambda = log(alpha / sigma), h = lambda_next - lambda_t, e^{-h} = sigma_next
     alpha_t / (alpha_next sigma_t), and D = x0_theta(t) + 1/(2r) (x0_theta(t) -
