@@ -3,12 +3,13 @@
 import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY, run_entry
+from tests.conftest import ROOT, TINY, run_entry
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +203,27 @@ def test_console_scripts_find_their_configs(tmp_path):
     )
     assert result.returncode == 2
     assert "error: checkpoint not found: missing.ckpt" in result.stderr
+
+
+def test_quality_vs_steps_benchmark_runs_on_a_checkpoint(trained, tmp_path):
+    run_dir, _ = trained
+    out = tmp_path / "bench"
+    script = str(ROOT / "benchmarks" / "quality_vs_steps.py")
+    ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    specs = ["ddim-3", "dpm_solver-3:solver=ode,spacing=logsnr"]
+    args = ["--ckpt", ckpt, "--num-samples", "8", "--batch-size", "4", "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, script, *args, *specs], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["spec"], r["nfe"]) for r in rows] == [(specs[0], 3), (specs[1], 3)]
+    assert all(np.isfinite(r["fid"]) and r["ms_per_image"] > 0 for r in rows)
+    assert (out / "fid_vs_nfe.png").is_file() and (out / f"grid_{specs[1]}.png").is_file()
+    assert "| ddim-3 | 3 |" in (out / "table.md").read_text()
+    bad = subprocess.run(
+        [sys.executable, script, "--ckpt", ckpt, "--out", str(out), "ddim"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "error: bad spec 'ddim'" in bad.stderr
