@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from torch import Tensor
 
 from ddpm.features import build_feature_extractor
-from ddpm.images import bar_chart, make_grid, save_png, side_by_side, to_uint8
+from ddpm.images import bar_chart, class_grid, make_grid, save_png, side_by_side, to_uint8
 from ddpm.metrics import data_reference, extract_features, fid_kid
 from ddpm.samplers import Sampler
 
@@ -30,6 +30,11 @@ def log_image(loggers: list[Logger], key: str, image: np.ndarray, step: int) -> 
             logger.log_image(key=key, images=[image], step=step)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
+
+
+def guidance(pl_module: L.LightningModule, scale: float) -> float:
+    """The guidance scale to draw with: ``scale`` for a class-conditional model, else 0."""
+    return scale if getattr(pl_module, "num_classes", 0) else 0.0
 
 
 def rank_indices(trainer: L.Trainer, n: int) -> range:
@@ -81,6 +86,7 @@ class SampleGrid(L.Callback):
         trajectory_samples: int = 4,
         trajectory_frames: int = 8,
         dirname: str = "samples",
+        guidance_scale: float = 0.0,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"callbacks.sample_grid.num_samples={num_samples} must be >= 1")
@@ -92,11 +98,25 @@ class SampleGrid(L.Callback):
         self.raw_weights = raw_weights
         self.trajectory_samples, self.trajectory_frames = trajectory_samples, trajectory_frames
         self.dirname = dirname
+        self.guidance_scale = guidance_scale  # class-conditional runs only
         self.last_path: Path | None = None
         self._raw: Tensor | None = None
 
     def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor:
-        return sample_shared(trainer, pl_module, self.num_samples, self.seed, sampler=self.sampler)
+        return sample_shared(
+            trainer,
+            pl_module,
+            self.num_samples,
+            self.seed,
+            sampler=self.sampler,
+            guidance_scale=guidance(pl_module, self.guidance_scale),
+        )
+
+    def _grid(self, pl_module: L.LightningModule, images: Tensor) -> np.ndarray:
+        """One row per class for a class-conditional model (sample i has class i % C)."""
+        classes = pl_module.num_classes
+        labels = [i % classes for i in range(len(images))] if classes else None
+        return class_grid(to_uint8(images), labels)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._raw = None
@@ -112,13 +132,13 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero:
             return
         step, out = trainer.global_step, _run_dir(trainer) / self.dirname
-        grid = make_grid(to_uint8(ema))
+        grid = self._grid(pl_module, ema)
         self.last_path = save_png(
             grid, out / f"grid_epoch={trainer.current_epoch:04d}_step={step:07d}.png"
         )
         log_image(trainer.loggers, "samples/grid_ema", grid, step)
         if self._raw is not None:
-            pair = side_by_side([grid, make_grid(to_uint8(self._raw))])
+            pair = side_by_side([grid, self._grid(pl_module, self._raw)])
             save_png(pair, out / f"ema_vs_raw_step={step:07d}.png")
             log_image(trainer.loggers, "samples/ema_vs_raw", pair, step)
         if strip is not None:
@@ -139,7 +159,11 @@ class SampleGrid(L.Callback):
                 frames.append(x_t.clamp(-1, 1))
 
         final = pl_module.sample(
-            self.trajectory_samples, seed=self.seed, sampler=self.sampler, on_step=record
+            self.trajectory_samples,
+            seed=self.seed,
+            sampler=self.sampler,
+            on_step=record,
+            guidance_scale=guidance(pl_module, self.guidance_scale),
         )
         frames = [*frames, final]
         strip = torch.stack(frames, dim=1)  # [B, frames + 1, C, H, W]
@@ -215,6 +239,7 @@ class SampleQuality(L.Callback):
         reference_split: str = "train",
         kid_subsets: int = 100,
         kid_subset_size: int = 1000,
+        guidance_scale: float = 0.0,
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"eval.every_n_epochs={every_n_epochs} must be >= 1")
@@ -232,6 +257,7 @@ class SampleQuality(L.Callback):
         self.seed, self.sampler = seed, sampler
         self.feature_extractor, self.reference_split = feature_extractor, reference_split
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
+        self.guidance_scale = guidance_scale  # class-conditional runs: class-balanced samples
         self._validations = 0
         self._name: str | None = None
         self.extractor: torch.nn.Module | None = None
@@ -265,6 +291,7 @@ class SampleQuality(L.Callback):
             seed=self.seed,
             batch_size=self.batch_size,
             sampler=self.sampler,
+            guidance_scale=guidance(pl_module, self.guidance_scale),
         )
         local = extract_features(self.extractor, images, self.batch_size, pl_module.device)
         features = gather_strided(pl_module, local.to(pl_module.device), self.num_samples)

@@ -20,10 +20,10 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, WeightAveraging
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.callbacks import SampleQuality
-from ddpm.images import make_grid, save_png, to_uint8
+from ddpm.images import class_grid, save_png, to_uint8
 from ddpm.loggers import build_loggers, finish_loggers
 from ddpm.metrics import evaluate_images
 from ddpm.module import DiffusionModule
@@ -114,6 +114,9 @@ def train(cfg: DictConfig) -> float | None:
             L.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")  # fail on bad data before any training starts
+        if datamodule.conditional:
+            with open_dict(cfg):  # the net's class count comes from the data, stored with it
+                cfg.model.num_classes = datamodule.num_classes
         module = build_module(cfg)
         loggers = build_loggers(cfg.get("logger"), group=_multirun_group())
         callbacks = build_callbacks(cfg, has_logger=bool(loggers))
@@ -178,6 +181,12 @@ def sample(cfg: DictConfig) -> Path:
         device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         module = load_module(cfg.ckpt_path).to(device)
         sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
+        guidance = cfg.get("guidance_scale")
+        if guidance is None:  # the scale the run's grids used (0 for unconditional runs)
+            stored = module.hparams.config.get("callbacks") or {}
+            guidance = (stored.get("sample_grid") or {}).get("guidance_scale") or 0.0
+            guidance = guidance if module.num_classes else 0.0
+        labels = module.labels_for(range(int(cfg.num_samples)), cfg.get("class_label"), guidance)
     except Exception as exc:
         message = user_error(exc)
         if message is None:
@@ -190,19 +199,26 @@ def sample(cfg: DictConfig) -> Path:
         batch_size=cfg.get("batch_size"),
         sampler=sampler,
         progress=True,
+        labels=labels,
+        guidance_scale=guidance,
     )
     pixels = to_uint8(images)  # [N, H, W, C] uint8
     out = Path(cfg.out_dir)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(pixels):
         save_png(image, out / "samples" / f"{i:05d}.png")
-    save_png(make_grid(pixels), out / "grid.png")
-    np.savez_compressed(out / "samples.npz", images=pixels)
+    save_png(class_grid(pixels, labels), out / "grid.png")
+    arrays = (
+        {"images": pixels} if labels is None else {"images": pixels, "labels": np.array(labels)}
+    )
+    np.savez_compressed(out / "samples.npz", **arrays)
     used = sampler or module.sampler
     info = {
         "ckpt_path": str(cfg.ckpt_path),
         "num_samples": int(cfg.num_samples),
         "seed": int(cfg.seed),
+        "class_label": cfg.get("class_label"),
+        "guidance_scale": guidance,
         "sampler": {
             "name": type(used).__name__,
             **{k: v for k, v in vars(used).items() if not k.startswith("_")},

@@ -94,6 +94,7 @@ class ImageDataModule(L.LightningDataModule):
         hflip: bool = False,
         skip_bad_files: bool = False,
         device_resident: bool = False,
+        conditional: bool = False,
     ) -> None:
         super().__init__()
         if name not in BUILDERS:
@@ -121,6 +122,10 @@ class ImageDataModule(L.LightningDataModule):
         # The whole uint8 set lives on the training device; loaders yield indices only.
         self.device_resident = device_resident
         self._resident: dict[str, tuple[Tensor, Tensor]] = {}
+        # True: the labels condition the model (classifier-free guidance); the net's
+        # number of classes is taken from the data (``num_classes``).
+        self.conditional = conditional
+        self.num_classes = 0
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -146,6 +151,12 @@ class ImageDataModule(L.LightningDataModule):
                 )
             images = resize_uint8(images, self.image_size)
         n = labels.shape[0]
+        self.num_classes = int(labels.max()) + 1 if n else 0
+        if self.conditional and self.num_classes < 2:
+            raise ValueError(
+                f"data.conditional=true needs labelled data, but {self.name!r} has "
+                f"{self.num_classes} class(es); for image folders put one subfolder per class"
+            )
         n_val = max(1, round(self.val_fraction * n))
         if n_val >= n:
             raise ValueError(f"data set {self.name!r} has too few images ({n}) to split")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,20 @@ def make_grid(images: np.ndarray, nrow: int | None = None, min_tile: int = 32) -
             pad + r * th : pad + r * th + h * scale, pad + col * tw : pad + col * tw + w * scale
         ] = tiles[i]
     return grid
+
+
+def class_grid(images: np.ndarray, labels: Sequence[int] | None) -> np.ndarray:
+    """A grid of [N, H, W, C] images; with labels, one row per class (in label order)."""
+    if labels is None or len(set(labels)) < 2:
+        return make_grid(images)
+    order = np.argsort(np.asarray(labels), kind="stable")
+    per_class = max(np.bincount(np.asarray(labels)))
+    rows = []
+    for label in sorted(set(labels)):
+        members = images[order][np.asarray(labels)[order] == label]
+        pad = np.zeros((per_class - len(members), *images.shape[1:]), dtype=images.dtype)
+        rows.append(np.concatenate([members, pad]))
+    return make_grid(np.concatenate(rows), nrow=per_class)
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:

@@ -58,11 +58,17 @@ class DiffusionModule(L.LightningModule):
         self.image_shape = tuple(image_shape)
         self.val_seed = val_seed
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.net(x_t, t)
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of a class-conditional net; 0 when unconditional."""
+        return int(getattr(self.net, "num_classes", 0))
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.net(x_t, t) if y is None else self.net(x_t, t, y=y)
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
-        loss = self.objective(self.net, self.schedule, batch[0]).mean()
+        y = batch[1] if self.num_classes else None
+        loss = self.objective(self.net, self.schedule, batch[0], y=y).mean()
         # on_step logging keeps the value on the device: no host sync in the hot path.
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
@@ -70,12 +76,15 @@ class DiffusionModule(L.LightningModule):
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Loss on fixed (t, noise) per image; returns per-sample losses and timesteps too
         (the loss-by-timestep chart reads them)."""
-        x0, _, index = batch
+        x0, labels, index = batch
         t, noise = fixed_timesteps_and_noise(
             index.cpu(), x0.shape[1:], self.schedule.num_timesteps, self.val_seed
         )
         t = t.to(x0.device)
-        per_sample = self.objective(self.net, self.schedule, x0, t, noise.to(x0.device, x0.dtype))
+        y = labels if self.num_classes else None
+        per_sample = self.objective(
+            self.net, self.schedule, x0, t, noise.to(x0.device, x0.dtype), y=y, drop_labels=False
+        )
         loss = per_sample.mean()
         self.log(
             "val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=x0.shape[0]
@@ -103,14 +112,19 @@ class DiffusionModule(L.LightningModule):
         sampler: Sampler | None = None,
         progress: bool = False,
         on_step: StepHook | None = None,
+        labels: int | Sequence[int] | None = None,
+        guidance_scale: float = 0.0,
     ) -> Tensor:
         """Draw the samples ``indices`` (an int n means 0 .. n-1) of the stream seeded by
         ``seed``: [N, C, H, W] in [-1, 1].
 
         Each sample has its own generator, so an image depends on (seed, index) only,
-        never on the batch size or on how indices are split across processes.
+        never on the batch size or on how indices are split across processes. A
+        class-conditional model draws class ``labels`` (one int for all, one per index, or
+        None: index % num_classes, class-balanced) with classifier-free ``guidance_scale``.
         """
         indices = list(range(indices)) if isinstance(indices, int) else list(indices)
+        label_list = self.labels_for(indices, labels, guidance_scale)
         sampler = sampler or self.sampler
         batch_size = batch_size or max(1, len(indices))
         was_training = self.net.training
@@ -119,6 +133,11 @@ class DiffusionModule(L.LightningModule):
         try:
             for start in range(0, len(indices), batch_size):
                 batch = indices[start : start + batch_size]
+                y = (
+                    torch.tensor(label_list[start : start + batch_size], device=self.device)
+                    if label_list is not None
+                    else None
+                )
                 x = sampler.sample(
                     self.net,
                     self.schedule,
@@ -127,11 +146,41 @@ class DiffusionModule(L.LightningModule):
                     generator=sample_generators(seed, batch),
                     progress=progress,
                     on_step=on_step,
+                    y=y,
+                    guidance_scale=guidance_scale,
                 )
                 chunks.append(x.clamp(-1.0, 1.0))
         finally:
             self.net.train(was_training)
         return torch.cat(chunks)
+
+    def labels_for(
+        self,
+        indices: Sequence[int],
+        labels: int | Sequence[int] | None,
+        guidance_scale: float = 0.0,
+    ) -> list[int] | None:
+        """The class label of each sample index (None for an unconditional model); refuses
+        labels or guidance the model cannot take, and labels out of range."""
+        if not self.num_classes:
+            if labels is not None or guidance_scale:
+                raise ValueError(
+                    "this checkpoint is unconditional (trained without data.conditional=true): "
+                    "drop class_label and guidance_scale"
+                )
+            return None
+        if labels is None:
+            return [i % self.num_classes for i in indices]
+        out = [int(labels)] * len(indices) if isinstance(labels, int) else [int(v) for v in labels]
+        if len(out) != len(indices):
+            raise ValueError(f"got {len(out)} labels for {len(indices)} samples")
+        bad = [v for v in out if not 0 <= v < self.num_classes]
+        if bad:
+            raise ValueError(
+                f"class_label={bad[0]} is out of range: this checkpoint has {self.num_classes} "
+                f"classes (0..{self.num_classes - 1})"
+            )
+        return out
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.net.parameters())

@@ -48,6 +48,7 @@ class DiffusionLoss:
         prediction_type: str = "epsilon",
         weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
+        cond_drop_prob: float = 0.1,
     ) -> None:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(
@@ -62,7 +63,13 @@ class DiffusionLoss:
             raise ValueError(
                 f"objective.min_snr_gamma={min_snr_gamma!r} must be > 0 (Hang et al. use 5)"
             )
+        if not 0.0 <= float(cond_drop_prob) < 1.0:
+            raise ValueError(
+                f"objective.cond_drop_prob={cond_drop_prob!r} must lie in [0, 1) (0.1 in Ho & "
+                "Salimans 2022)"
+            )
         self.prediction_type = prediction_type
+        self.cond_drop_prob = float(cond_drop_prob)
         self.weighting = weighting
         self.min_snr_gamma = float(min_snr_gamma)
 
@@ -83,8 +90,14 @@ class DiffusionLoss:
         x0: Tensor,
         t: Tensor | None = None,
         noise: Tensor | None = None,
+        y: Tensor | None = None,
+        drop_labels: bool = True,
     ) -> Tensor:
-        """Per-sample loss, shape [B]. ``t`` and ``noise`` are drawn when not given."""
+        """Per-sample loss, shape [B]. ``t`` and ``noise`` are drawn when not given.
+
+        ``y`` (class labels, conditional nets only) is replaced by -1 ("no label") with
+        probability ``cond_drop_prob`` when ``drop_labels``, so one network learns the
+        conditional and the unconditional prediction (Ho & Salimans 2022, Algorithm 1)."""
         if t is None:
             t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=x0.device)
         if noise is None:
@@ -92,7 +105,14 @@ class DiffusionLoss:
         x_t = schedule.q_sample(x0, t, noise)
         target = schedule.target(x0, noise, t, self.prediction_type)
         # The regression is done in float32 even under autocast (fp16 squares overflow).
-        err = (model(x_t, t).float() - target.float()) ** 2
+        if y is None:
+            out = model(x_t, t)
+        else:
+            if drop_labels and self.cond_drop_prob > 0:
+                drop = torch.rand(y.shape, device=y.device) < self.cond_drop_prob
+                y = torch.where(drop, torch.full_like(y, -1), y)
+            out = model(x_t, t, y=y)
+        err = (out.float() - target.float()) ** 2
         loss = err.flatten(1).mean(dim=1)  # [B, C, H, W] -> [B]
         if self.weighting == "min_snr":
             loss = loss * min_snr_weight(

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ddpm.schedules import PREDICTION_TYPES, NoiseSchedule
 from ddpm.timesteps import SPACINGS, first_timestep, process_x0, spaced_timesteps
 
-Model = Callable[[Tensor, Tensor], Tensor]
+Model = Callable[..., Tensor]  # model(x_t, t) or, class-conditional, model(x_t, t, y=labels)
 Generators = torch.Generator | Sequence[torch.Generator] | None
 StepHook = Callable[[int, Tensor, Tensor], None]
 
@@ -43,6 +43,25 @@ def randn(
     # one [*shape[1:]] draw per generator -> [B, *shape[1:]]
     per_sample = [torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator]
     return torch.stack(per_sample).to(device)
+
+
+def guided_output(
+    model: Model, x: Tensor, t: Tensor, y: Tensor | None = None, guidance_scale: float = 0.0
+) -> Tensor:
+    """The network's output at (x, t), class-conditional when ``y`` is given.
+
+    With ``guidance_scale`` w != 0, classifier-free guidance (Ho & Salimans 2022, Eq. 6):
+    (1 + w) f(x, t, y) - w f(x, t, null), in one batched call whose second half carries the
+    null label -1. It is linear in the output, so it serves every prediction type.
+    w = 0 is the plain conditional prediction.
+    """
+    if y is None:
+        return model(x, t)
+    if guidance_scale == 0:
+        return model(x, t, y=y)
+    both = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, -1)]))
+    cond, uncond = both.chunk(2)  # [2B, C, H, W] -> two [B, C, H, W]
+    return cond + guidance_scale * (cond - uncond)
 
 
 def _check_prediction_type(prediction_type: str, schedule: NoiseSchedule) -> None:
@@ -119,12 +138,21 @@ class Sampler:
         return spaced_timesteps(t_max + 1, self.steps, self.spacing, log_snr)
 
     def denoise(
-        self, model: Model, schedule: NoiseSchedule, x: Tensor, step: int, prediction_type: str
+        self,
+        model: Model,
+        schedule: NoiseSchedule,
+        x: Tensor,
+        step: int,
+        prediction_type: str,
+        y: Tensor | None = None,
+        guidance_scale: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
-        """One network call at timestep ``step``: the (x_0, eps) estimates, x_0 clipped or
-        thresholded and eps re-derived from it so the two stay consistent."""
+        """One network call at timestep ``step`` (guided when ``y`` and a scale are given):
+        the (x_0, eps) estimates, x_0 clipped or thresholded and eps re-derived from it so
+        the two stay consistent."""
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-        x0, eps = schedule.predict_x0_eps(x, t, model(x, t).float(), prediction_type)
+        out = guided_output(model, x, t, y, guidance_scale).float()
+        x0, eps = schedule.predict_x0_eps(x, t, out, prediction_type)
         if self.clip_denoised or self.dynamic_threshold is not None:
             x0 = process_x0(x0, self.clip_denoised, self.dynamic_threshold)
             eps = schedule.eps_from_x0(x, t, x0)
@@ -141,9 +169,12 @@ class Sampler:
         progress: bool = False,
         on_step: StepHook | None = None,
         x_T: Tensor | None = None,
+        y: Tensor | None = None,
+        guidance_scale: float = 0.0,
     ) -> Tensor:
         """Draw a batch of ``shape`` = [B, C, H, W] samples, from ``x_T`` when given (e.g.
         the output of ``DDIMSampler.invert``), else from noise drawn from ``generator``.
+        ``y`` [B]: class labels for a conditional model, guided by ``guidance_scale``.
 
         ``on_step(t, x_t, x0_pred)`` is called at every step, before the update (for
         denoising trajectories)."""
@@ -156,7 +187,7 @@ class Sampler:
         for i, step in enumerate(
             tqdm(timesteps, desc=f"{self.name} sampling", disable=not progress, leave=False)
         ):
-            x0, eps = self.denoise(model, schedule, x, step, prediction_type)
+            x0, eps = self.denoise(model, schedule, x, step, prediction_type, y, guidance_scale)
             if on_step is not None:
                 on_step(step, x, x0)
             prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
@@ -268,6 +299,8 @@ class DDIMSampler(Sampler):
         x0: Tensor,
         prediction_type: str = "epsilon",
         progress: bool = False,
+        y: Tensor | None = None,
+        guidance_scale: float = 0.0,
     ) -> Tensor:
         """DDIM inversion: run the deterministic (eta = 0) DDIM ODE forwards, clean x_0 ->
         x_T, over this sampler's timesteps in ascending order (Song et al. 2021, Sec. 4.3;
@@ -287,7 +320,8 @@ class DDIMSampler(Sampler):
             leave=False,
         ):
             t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-            _, eps = schedule.predict_x0_eps(x, t, model(x, t).float(), prediction_type)
+            out = guided_output(model, x, t, y, guidance_scale).float()
+            _, eps = schedule.predict_x0_eps(x, t, out, prediction_type)
             # x_0 implied by the current point and eps (Ho et al. Eq. 4), then Eq. 12 with
             # sigma = 0 towards the next, noisier timestep
             x0_hat = (x - math.sqrt(1 - abar_cur) * eps) / math.sqrt(abar_cur)

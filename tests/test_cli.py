@@ -227,3 +227,33 @@ def test_quality_vs_steps_benchmark_runs_on_a_checkpoint(trained, tmp_path):
         text=True,
     )
     assert bad.returncode != 0 and "error: bad spec 'ddim'" in bad.stderr
+
+
+def test_class_conditional_run_samples_requested_classes(trained, tmp_path):
+    run_dir = tmp_path / "cond"
+    result = run_entry(
+        "train.py", "experiment=digits_cond", *TINY, "logger=none", f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    config = torch.load(ckpt, weights_only=True)["hyper_parameters"]["config"]
+    assert config["model"]["num_classes"] == 10  # taken from the data, stored with the weights
+
+    def draw(*args):
+        return run_entry("sample.py", f"ckpt_path={ckpt}", "sampler.steps=3", *args, cwd=tmp_path)
+
+    one = draw("sampler=ddim", f"out_dir={tmp_path / 'one'}", "num_samples=4", "class_label=3",
+               "guidance_scale=2.0")  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert np.load(tmp_path / "one" / "samples.npz")["labels"].tolist() == [3, 3, 3, 3]
+    every = draw("sampler=ddim", f"out_dir={tmp_path / 'all'}", "num_samples=12")
+    assert every.returncode == 0, every.stderr[-3000:]
+    assert np.load(tmp_path / "all" / "samples.npz")["labels"].tolist() == [*range(10), 0, 1]
+    bad = draw("sampler=ddim", f"out_dir={tmp_path / 'bad'}", "class_label=10")
+    assert bad.returncode == 2 and "error: class_label=10 is out of range" in bad.stderr
+    plain = run_entry(
+        "sample.py", f"ckpt_path={trained[0] / 'checkpoints' / 'last.ckpt'}", "class_label=1",
+        f"out_dir={tmp_path / 'plain'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert plain.returncode == 2 and "this checkpoint is unconditional" in plain.stderr

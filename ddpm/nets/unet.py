@@ -134,9 +134,15 @@ class UNet(nn.Module):
         attention_resolutions: Sequence[int] = (16,),
         attention_heads: int = 1,
         dropout: float = 0.1,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         channel_mults = tuple(channel_mults)
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(
+                f"model.num_classes={num_classes!r} must be an integer >= 0 (0: unconditional; "
+                "data.conditional=true sets it from the data)"
+            )
         _validate(image_size, in_channels, base_channels, channel_mults, num_res_blocks, dropout)
         factor = 2 ** (len(channel_mults) - 1)
         resolutions = [image_size // 2**i for i in range(len(channel_mults))]
@@ -156,6 +162,11 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(base_channels, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch)
         )
+        # Class conditioning: a learned embedding added to the time embedding, with one
+        # extra "null" class (index num_classes, passed as y = -1) for the unconditional
+        # prediction of classifier-free guidance (Ho & Salimans 2022, Sec. 3.2).
+        self.num_classes = num_classes
+        self.class_embed = nn.Embedding(num_classes + 1, temb_ch) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def level_block(in_ch: int, out_ch: int, res: int) -> LevelBlock:
@@ -197,8 +208,20 @@ class UNet(nn.Module):
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """Predict from x_t [B, C, H, W] at timesteps t [B]; ``y`` [B] are class labels of a
+        conditional net (-1: no label, the unconditional prediction)."""
         temb = self.time_embed(timestep_embedding(t, self.base_channels))  # [B, 4 * base]
+        if self.class_embed is not None:
+            if y is None:
+                raise ValueError(
+                    f"this model is class-conditional ({self.num_classes} classes): pass "
+                    "y=labels (-1 for the unconditional prediction)"
+                )
+            y = torch.where(y < 0, torch.full_like(y, self.num_classes), y)  # -1 -> null class
+            temb = temb + self.class_embed(y)
+        elif y is not None:
+            raise ValueError("this model is unconditional (model.num_classes=0): it takes no y")
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
