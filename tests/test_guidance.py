@@ -64,24 +64,14 @@ def test_guided_sampling_runs_for_every_prediction_type(prediction_type):
     net = conditional_net()
     schedule = NoiseSchedule.from_name("cosine", num_timesteps=100)
     with torch.no_grad():
-        a = DDIMSampler(steps=5).sample(
-            net,
-            schedule,
-            (2, 1, 8, 8),
-            prediction_type,
-            generator=torch.Generator().manual_seed(0),
-            y=torch.tensor([1, 1]),
-            guidance_scale=3.0,
-        )
-        b = DDIMSampler(steps=5).sample(
-            net,
-            schedule,
-            (2, 1, 8, 8),
-            prediction_type,
-            generator=torch.Generator().manual_seed(0),
-            y=torch.tensor([8, 8]),
-            guidance_scale=3.0,
-        )
+        a, b = (
+            DDIMSampler(steps=5).sample(
+                net, schedule, (2, 1, 8, 8), prediction_type,
+                generator=torch.Generator().manual_seed(0),
+                y=torch.tensor([label, label]), guidance_scale=3.0,
+            )
+            for label in (1, 8)
+        )  # fmt: skip
     assert torch.isfinite(a).all() and not torch.allclose(a, b)
 
 
