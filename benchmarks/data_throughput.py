@@ -100,28 +100,15 @@ def main() -> None:
             "batch_size": args.batch_size,
             "hflip": True,
         }
+        folder = {**common, "name": "folder", "root": str(root / "folder")}
         modes = {
             "cifar10 in-memory, 0 workers": ImageDataModule(**common),
             "cifar10 in-memory, 2 workers": ImageDataModule(**common, num_workers=2),
             "cifar10 device-resident": ImageDataModule(**common, device_resident=True),
             "folder PNG streaming, 2 workers": ImageDataModule(
-                name="folder",
-                root=str(root / "folder"),
-                image_size=32,
-                channels=3,
-                batch_size=args.batch_size,
-                hflip=True,
-                in_memory=False,
-                num_workers=2,
+                **folder, in_memory=False, num_workers=2
             ),
-            "folder PNG in-memory": ImageDataModule(
-                name="folder",
-                root=str(root / "folder"),
-                image_size=32,
-                channels=3,
-                batch_size=args.batch_size,
-                hflip=True,
-            ),
+            "folder PNG in-memory": ImageDataModule(**folder),
         }
         for name, data in modes.items():
             rate = loader_rate(data, device, args.batches)

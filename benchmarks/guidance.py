@@ -56,7 +56,7 @@ def main() -> None:
         "train", extract_features(classifier, data.split_images("train"))
     )
 
-    labels = torch.tensor([i % module.num_classes for i in range(args.num_samples)])
+    labels = torch.tensor(module.labels_for(range(args.num_samples), None))  # i % classes
     rows = []
     for scale in args.scales:
         images = module.sample(

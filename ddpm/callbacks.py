@@ -114,9 +114,7 @@ class SampleGrid(L.Callback):
 
     def _grid(self, pl_module: L.LightningModule, images: Tensor) -> np.ndarray:
         """One row per class for a class-conditional model (sample i has class i % C)."""
-        classes = pl_module.num_classes
-        labels = [i % classes for i in range(len(images))] if classes else None
-        return class_grid(to_uint8(images), labels)
+        return class_grid(to_uint8(images), pl_module.labels_for(range(len(images)), None))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._raw = None

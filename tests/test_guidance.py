@@ -9,9 +9,9 @@ from ddpm.samplers import DDIMSampler, DPMSolverSampler, guided_output
 from ddpm.schedules import NoiseSchedule
 
 
-def conditional_net(num_classes: int = 10) -> UNet:
+def small_net(num_classes: int = 0) -> UNet:
     torch.manual_seed(0)
-    net = UNet(
+    return UNet(
         image_size=8,
         in_channels=1,
         base_channels=8,
@@ -21,6 +21,10 @@ def conditional_net(num_classes: int = 10) -> UNet:
         dropout=0.0,
         num_classes=num_classes,
     )
+
+
+def conditional_net(num_classes: int = 10) -> UNet:
+    net = small_net(num_classes)
     with torch.no_grad():  # a fresh net's class embedding is random, not zero: keep it so
         net.class_embed.weight.normal_()
     return net.eval()
@@ -97,14 +101,7 @@ def test_conditioning_mistakes_get_clear_messages():
     x, t = torch.randn(1, 1, 8, 8), torch.tensor([3])
     with pytest.raises(ValueError, match=r"class-conditional \(10 classes\): pass y=labels"):
         net(x, t)
-    plain = UNet(
-        image_size=8,
-        in_channels=1,
-        base_channels=8,
-        channel_mults=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(),
-    )
+    plain = small_net()
     with pytest.raises(ValueError, match="unconditional"):
         plain(x, t, y=torch.tensor([1]))
     with pytest.raises(ValueError, match=r"objective\.cond_drop_prob=1\.0 must lie in \[0, 1\)"):
