@@ -1,197 +1,182 @@
 """What the entry points do: ``train(cfg)`` and ``sample(cfg)``.
 
-One direction: config -> objects -> Trainer. Every object comes from a ``_target_`` node;
-the typed constructors validate their arguments and raise ValueError naming the key.
+One direction: config -> objects -> Trainer (``ddpm.runs.prepare``), then ``fit``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import signal
 import sys
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
 
-import lightning as L
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, WeightAveraging
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from ddpm.callbacks import SampleQuality
+from ddpm.build import (  # noqa: F401 - the public names of ddpm.cli
+    UsageError,
+    build_callbacks,
+    build_module,
+    fail,
+    load_module,
+    user_error,
+)
+from ddpm.checkpoints import sweep_partial_files
+from ddpm.guards import RunStopped
 from ddpm.images import class_grid, save_png, to_uint8
-from ddpm.loggers import build_loggers, finish_loggers
+from ddpm.loggers import finish_loggers
 from ddpm.metrics import evaluate_images
 from ddpm.module import DiffusionModule
+from ddpm.runs import Prepared, check_writable, hydra_overrides, prepare, take_prepared
+from ddpm.samplers import Sampler
 
-
-def auto_precision() -> str:
-    """``precision=auto``: 16-mixed on a CUDA GPU, full float32 elsewhere."""
-    return "16-mixed" if torch.cuda.is_available() else "32-true"
-
-
-OmegaConf.register_new_resolver("ddpm.auto_precision", auto_precision, replace=True)
-OmegaConf.register_new_resolver("ddpm.cuda", torch.cuda.is_available, replace=True)
-# Lightning 2.6 on torch >= 2.10 warns about a torch-internal pytree API at every fit: noise.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit status 2."""
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``error: message`` to stderr and exit with status 2 (no traceback)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def user_error(exc: BaseException) -> str | None:
-    """The message of the ValueError/UsageError at the root of ``exc``, if there is one."""
-    while exc is not None:
-        if isinstance(exc, UsageError | ValueError | FileNotFoundError):
-            text = str(exc).strip()
-            return text.splitlines()[0] if text else type(exc).__name__
-        if not isinstance(exc, InstantiationException):
-            return None
-        exc = exc.__cause__
-    return None
-
-
-def build_module(cfg: DictConfig) -> DiffusionModule:
-    """Instantiate net, schedule, objective, sampler and the module from a run config."""
-    image_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    lr_scheduler = cfg.get("lr_scheduler")
-    return DiffusionModule(
-        net=instantiate(cfg.model),
-        schedule=instantiate(cfg.schedule),
-        objective=instantiate(cfg.objective),
-        sampler=instantiate(cfg.sampler),
-        optimizer=instantiate(cfg.optimizer),
-        lr_scheduler=instantiate(lr_scheduler) if lr_scheduler is not None else None,
-        image_shape=image_shape,
-        val_seed=cfg.get("val_seed", 0),
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-
-
-def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[L.Callback]:
-    """Instantiate ``cfg.callbacks`` and the ``cfg.eval`` (FID/KID) callback.
-
-    Weight averaging goes last, so that the other validation-time callbacks run while the
-    averaged (EMA) weights are swapped in. Without a logger, LearningRateMonitor (which
-    needs one) is left out; with ``trainer.enable_progress_bar=false``, the progress bar.
-    """
-    nodes = list((cfg.get("callbacks") or {}).values())
-    if cfg.get("eval") is not None:
-        nodes.append(cfg.eval)
-    callbacks = [
-        instantiate(node) for node in nodes if isinstance(node, DictConfig) and "_target_" in node
-    ]
-    if not has_logger:
-        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
-    if (cfg.get("trainer") or {}).get("enable_progress_bar", True) is False:
-        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
-    return sorted(callbacks, key=lambda cb: isinstance(cb, WeightAveraging))
-
-
-def _multirun_group() -> str | None:
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Train a diffusion model as ``cfg`` says; return ``cfg.optimized_metric`` for sweeps."""
-    try:
-        OmegaConf.resolve(cfg)
-        if cfg.get("seed") is not None:
-            L.seed_everything(cfg.seed, workers=True)
-        datamodule = instantiate(cfg.data)
-        datamodule.setup("fit")  # fail on bad data before any training starts
-        if datamodule.conditional:
-            with open_dict(cfg):  # the net's class count comes from the data, stored with it
-                cfg.model.num_classes = datamodule.num_classes
-        module = build_module(cfg)
-        loggers = build_loggers(cfg.get("logger"), group=_multirun_group())
-        callbacks = build_callbacks(cfg, has_logger=bool(loggers))
-        for callback in callbacks:
-            if isinstance(callback, SampleQuality):
-                callback.load_extractor(datamodule)  # a missing download fails here, at once
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    except Exception as exc:
-        message = user_error(exc)
-        if message is None:
-            raise
-        fail(message)
+    """Train a diffusion model as ``cfg`` says; return ``cfg.optimized_metric`` for sweeps.
 
+    A bad config stops a single run with one line (exit status 2) before anything is
+    written. In a ``-m`` sweep a bad config or a crash fails that job only (a bad job's
+    folder is removed); Hydra records it, the other jobs run and keep their results.
+    """
+    multirun = _multirun()
+    prepared = take_prepared(cfg)
+    if prepared is None:
+        try:
+            prepared = prepare(cfg, *hydra_overrides())
+        except Exception as exc:
+            message = user_error(exc)
+            if message is None:
+                raise
+            if not multirun:
+                fail(message)
+            log.error("error: %s (this job is skipped; the sweep goes on)", message)
+            _remove_fresh_job_dir()
+            raise UsageError(message) from exc
+    try:
+        return _fit(prepared)
+    except RunStopped as stop:
+        log.error("%s", stop)
+        if multirun:
+            raise
+        print(f"error: {stop}", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
+
+
+def _fit(prepared: Prepared) -> float | None:
+    cfg, trainer = prepared.cfg, prepared.trainer
     output_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        _write_config(output_dir / "config.yaml", cfg, prepared.resumed_step)
+        sweep_partial_files(output_dir / "checkpoints")
+    if prepared.ckpt_path:
+        log.info("continuing from %s (step %s)", prepared.ckpt_path, prepared.resumed_step)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(
+            prepared.module,
+            datamodule=prepared.datamodule,
+            ckpt_path=prepared.ckpt_path,
+            weights_only=True,
+        )
     finally:
-        finish_loggers(loggers)
-
+        finish_loggers(prepared.loggers)
+    guard = prepared.guard
+    if guard is not None and guard.interrupted_at is not None:
+        step, path = guard.interrupted_at
+        name = signal.Signals(guard.signal_received).name
+        message = (
+            f"stopped by {name} after step {step}; saved {path}. "
+            f"Continue with: python train.py resume={output_dir}"
+        )
+        log.warning("%s", message)
+        print(message, file=sys.stderr)
+        raise SystemExit(128 + int(guard.signal_received))
     metric_name = cfg.get("optimized_metric")
     value = trainer.callback_metrics.get(metric_name) if metric_name else None
     return float(value) if value is not None else None
 
 
-def _strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Drop the ``_orig_mod.`` segments that ``torch.compile`` adds to parameter names."""
-    return {key.replace("_orig_mod.", ""): value for key, value in state_dict.items()}
+def _write_config(path: Path, cfg: DictConfig, resumed_step: int | None) -> None:
+    """Write the resolved config; a resumed run keeps the earlier one beside it when the
+    values changed (``config.step=S.yaml``, S the step it continued from)."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    if path.is_file() and path.read_text() != text and resumed_step is not None:
+        path.rename(path.with_name(f"config.step={resumed_step}.yaml"))
+    path.write_text(text)
 
 
-def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
-    """Rebuild a DiffusionModule from a checkpoint file alone (its stored config plus its
-    weights; ``state_dict`` holds the EMA weights when EMA was on)."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint not found: {path} (pass ckpt_path=path/to/last.ckpt)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        raise UsageError(f"cannot read checkpoint {path}: {type(exc).__name__}: {reason}") from exc
-    config = (ckpt.get("hyper_parameters") or {}).get("config") if isinstance(ckpt, dict) else None
-    if config is None or "state_dict" not in ckpt:
-        raise UsageError(f"{path} is not a ddpm training checkpoint (no stored config or weights)")
-    module = build_module(OmegaConf.create(config))
-    module.load_state_dict(_strip_compile_prefix(ckpt["state_dict"]))
-    return module.eval()
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _remove_fresh_job_dir() -> None:
+    """A sweep job with a bad config: remove the folder Hydra made for it, if it holds
+    nothing but Hydra's own record and log."""
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    own = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= own:
+        logging.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass
+class SamplePlan:
+    """What ``sample`` draws with: the checkpoint's module, a sampler, labels, guidance."""
+
+    module: DiffusionModule
+    sampler: Sampler | None
+    labels: list[int] | None
+    guidance: float
+
+
+def prepare_sample(cfg: DictConfig) -> SamplePlan:
+    """Check ``sample.py``'s values and load the checkpoint (writes nothing)."""
+    if cfg.get("ckpt_path") is None:
+        raise UsageError("ckpt_path is required: python sample.py ckpt_path=path/to/last.ckpt")
+    for key, low in (("num_samples", 1), ("batch_size", 1), ("seed", 0)):
+        value = cfg.get(key)
+        if key == "batch_size" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UsageError(
+                f"{key}={value!r} is not allowed: it must be an integer >= {low}"
+                + (" (or null for all at once)" if key == "batch_size" else "")
+            )
+    check_writable(Path(cfg.out_dir))
+    device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    module = load_module(cfg.ckpt_path).to(device)
+    sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
+    guidance = cfg.get("guidance_scale")
+    if guidance is None:  # the scale the run's grids used (0 for unconditional runs)
+        stored = module.hparams.config.get("callbacks") or {}
+        guidance = (stored.get("sample_grid") or {}).get("guidance_scale") or 0.0
+        guidance = guidance if module.num_classes else 0.0
+    labels = module.labels_for(range(int(cfg.num_samples)), cfg.get("class_label"), guidance)
+    return SamplePlan(module, sampler, labels, guidance)
 
 
 def sample(cfg: DictConfig) -> Path:
     """Draw ``num_samples`` images from ``ckpt_path``; write grid.png, samples/*.png and
     samples.npz to ``out_dir``. Returns the output folder."""
-    try:
-        if cfg.get("ckpt_path") is None:
-            raise UsageError("ckpt_path is required: python sample.py ckpt_path=path/to/last.ckpt")
-        if int(cfg.num_samples) < 1:
-            raise UsageError(f"num_samples={cfg.num_samples} must be >= 1")
-        if cfg.get("batch_size") is not None and int(cfg.batch_size) < 1:
-            raise UsageError(f"batch_size={cfg.batch_size} must be >= 1 (or null for all at once)")
-        device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        module = load_module(cfg.ckpt_path).to(device)
-        sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
-        guidance = cfg.get("guidance_scale")
-        if guidance is None:  # the scale the run's grids used (0 for unconditional runs)
-            stored = module.hparams.config.get("callbacks") or {}
-            guidance = (stored.get("sample_grid") or {}).get("guidance_scale") or 0.0
-            guidance = guidance if module.num_classes else 0.0
-        labels = module.labels_for(range(int(cfg.num_samples)), cfg.get("class_label"), guidance)
-    except Exception as exc:
-        message = user_error(exc)
-        if message is None:
-            raise
-        fail(message)
+    plan = take_prepared(cfg)
+    if plan is None:
+        try:
+            plan = prepare_sample(cfg)
+        except Exception as exc:
+            message = user_error(exc)
+            if message is None:
+                raise
+            fail(message)
+    module, sampler, labels, guidance = plan.module, plan.sampler, plan.labels, plan.guidance
 
     images = module.sample(
         int(cfg.num_samples),
@@ -228,7 +213,7 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.get("evaluate"):
         datamodule = instantiate(OmegaConf.create(module.hparams.config["data"]))
         report = evaluate_images(
-            images, datamodule, cfg.get("feature_extractor"), cfg.reference_split, device
+            images, datamodule, cfg.get("feature_extractor"), cfg.reference_split, module.device
         )
         metrics = {**report, **info}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))

@@ -14,8 +14,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ddpm.batches import StepBatchSampler
 from ddpm.datasets import BUILDERS, decode_all, decode_image, keep_readable, verify_image
 
 
@@ -95,6 +96,7 @@ class ImageDataModule(L.LightningDataModule):
         skip_bad_files: bool = False,
         device_resident: bool = False,
         conditional: bool = False,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
         if name not in BUILDERS:
@@ -126,6 +128,8 @@ class ImageDataModule(L.LightningDataModule):
         # number of classes is taken from the data (``num_classes``).
         self.conditional = conditional
         self.num_classes = 0
+        # The training order is a function of (shuffle_seed, step): see ddpm.batches.
+        self.shuffle_seed = shuffle_seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -223,21 +227,38 @@ class ImageDataModule(L.LightningDataModule):
         return self._resident[split]
 
     def train_dataloader(self) -> DataLoader:
-        n_train = len(self.train_set)
-        return self._loader(self.train_set, shuffle=True, drop_last=n_train >= self.batch_size)
+        """Batches in an order fixed by ``shuffle_seed`` and the trainer's step (exact
+        resume), each rank taking its own share of every epoch."""
+        trainer = self.trainer
+        batch_sampler = StepBatchSampler(
+            len(self.train_set),
+            self.batch_size,
+            seed=self.shuffle_seed,
+            position=(lambda: trainer.global_step * trainer.accumulate_grad_batches)
+            if trainer is not None
+            else (lambda: 0),
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
+        return self._loader(self.train_set, batch_sampler=batch_sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False, drop_last=False)
+        """Every rank validates its share of the held-out images (all of them on one)."""
+        trainer = self.trainer
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(
+                self.val_set, trainer.world_size, trainer.global_rank, shuffle=False
+            )
+        return self._loader(self.val_set, sampler=sampler, batch_size=self.batch_size)
 
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, **order: Any) -> DataLoader:
         if self.device_resident:  # indices only: no workers, nothing to pin
             dataset = Indices(len(dataset))
         workers = 0 if self.device_resident else self.num_workers
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
+            **order,
             num_workers=workers,
             pin_memory=self.pin_memory and not self.device_resident,
             persistent_workers=workers > 0,

@@ -35,11 +35,15 @@ def wandb_has_credentials() -> bool:
     return False
 
 
-def build_loggers(cfg: DictConfig | None, group: str | None = None) -> list[Logger]:
+def build_loggers(
+    cfg: DictConfig | None, group: str | None = None, run_ids: dict[str, str] | None = None
+) -> list[Logger]:
     """Instantiate every logger under ``cfg`` (a dict of ``_target_`` nodes).
 
     W&B runs online only when ``WANDB_MODE`` says so or credentials exist; otherwise it
     runs offline and says how to upload the run later. ``group`` groups multirun jobs.
+    ``run_ids["wandb"]`` (stored in the checkpoint a run continues from) makes W&B resume
+    that run instead of starting another.
     """
     loggers: list[Logger] = []
     for name, node in (cfg or {}).items():
@@ -52,6 +56,9 @@ def build_loggers(cfg: DictConfig | None, group: str | None = None) -> list[Logg
                 node.offline = offline
                 if group and not node.get("group"):
                     node.group = group
+                if (run_ids or {}).get("wandb"):
+                    node.id = run_ids["wandb"]
+                    node.resume = "allow"
         logger = instantiate(node)
         if not isinstance(logger, Logger):
             raise ValueError(f"logger.{name} is a {type(logger).__name__}, not a Lightning Logger")

@@ -11,10 +11,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
 from ddpm.objectives import DiffusionLoss, fixed_timesteps_and_noise
-from ddpm.rng import sample_generators
+from ddpm.rng import sample_generators, step_seed
 from ddpm.samplers import Sampler, StepHook
 from ddpm.schedules import NoiseSchedule
 
@@ -40,6 +41,7 @@ class DiffusionModule(L.LightningModule):
         image_shape: Sequence[int] = (1, 8, 8),
         val_seed: int = 0,
         config: dict[str, Any] | None = None,
+        train_seed: int = 0,
     ) -> None:
         super().__init__()
         check = getattr(objective, "check_schedule", None)
@@ -57,6 +59,8 @@ class DiffusionModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.image_shape = tuple(image_shape)
         self.val_seed = val_seed
+        self.train_seed = train_seed
+        self._seeded_step = (-1, 0)  # (global step, micro-batch) last seeded
 
     @property
     def num_classes(self) -> int:
@@ -65,6 +69,27 @@ class DiffusionModule(L.LightningModule):
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         return self.net(x_t, t) if y is None else self.net(x_t, t, y=y)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Before each training batch, reseed the global generators from (train_seed, step,
+        rank): the batch's flips, noise, timesteps, label dropout and network dropout are
+        then a function of the step alone, so resuming at step N redraws them exactly."""
+        trainer = self._trainer
+        if trainer is not None and trainer.training:
+            step, micro = self._seeded_step
+            micro = micro + 1 if step == trainer.global_step else 0  # gradient accumulation
+            self._seeded_step = (trainer.global_step, micro)
+            torch.manual_seed(
+                step_seed(self.train_seed, trainer.global_step, trainer.global_rank, micro)
+            )
+        return batch
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the W&B run id, so a resumed run logs to the same W&B run."""
+        trainer = self._trainer
+        for logger in trainer.loggers if trainer is not None else []:
+            if isinstance(logger, WandbLogger) and logger.version:
+                checkpoint.setdefault("logger_run_ids", {})["wandb"] = str(logger.version)
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         y = batch[1] if self.num_classes else None

@@ -12,6 +12,7 @@ import torch
 # on 32-bit integers, so distinct indices of one seed never share a stream.
 _GOLDEN = 0x9E3779B9
 _MASK = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
 def _fmix32(h: int) -> int:
@@ -34,3 +35,22 @@ def sample_generators(seed: int, indices: Iterable[int]) -> list[torch.Generator
     """One generator per sample index: sample i of seed s is the same image whatever
     batch or process draws it."""
     return [index_generator(seed, int(i)) for i in indices]
+
+
+def step_seed(seed: int, step: int, rank: int = 0, micro_batch: int = 0) -> int:
+    """The seed of training step ``step`` on process ``rank`` (63 bits).
+
+    Training reseeds the global generators from this before every batch, so the noise,
+    timesteps, flips and dropout of a step depend on (seed, step, rank) only: a resumed run
+    draws exactly what the uninterrupted run drew, and every DDP rank draws its own.
+    """
+    h = (seed & _MASK64) ^ ((step + 1) * 0x9E3779B97F4A7C15) ^ (rank * 0xBF58476D1CE4E5B9)
+    h ^= micro_batch * 0x94D049BB133111EB
+    return _splitmix64(h & _MASK64) >> 1
+
+
+def _splitmix64(z: int) -> int:
+    """SplitMix64's finaliser (Steele et al. 2014): a bijective 64-bit mixer."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)

@@ -146,10 +146,12 @@ def test_progress_bar_is_left_out_when_disabled(tmp_path):
     assert "TQDMProgressBar" not in [type(cb).__name__ for cb in trainer.callbacks]
 
 
-def test_callbacks_instantiate_with_ema_last(tmp_path):
+def test_callbacks_instantiate_with_ema_then_guard_last(tmp_path):
     callbacks = build_callbacks(compose_train([], tmp_path))
     names = [type(cb).__name__ for cb in callbacks]
-    assert names[-1] == "EMAWeightAveraging"
+    # EMA after the validation-time callbacks; the guard after EMA, so a checkpoint it
+    # writes at the end of a step includes that step's EMA update
+    assert names[-2:] == ["EMAWeightAveraging", "TrainerGuard"]
     assert {
         "ModelCheckpoint",
         "SampleGrid",

@@ -1,0 +1,93 @@
+"""Non-finite losses in real runs (NaN batches injected by tests.faults.PoisonBatches)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from ddpm.guards import TrainerGuard
+from tests.conftest import run_entry
+from tests.test_resume import FAST
+
+
+def _poison(*steps: int) -> list[str]:
+    return [
+        "+callbacks.poison._target_=tests.faults.PoisonBatches",
+        f"+callbacks.poison.steps=[{','.join(map(str, steps))}]",
+    ]
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    result = run_entry(
+        "train.py",
+        *FAST,
+        *_poison(5),
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=3",
+        "trainer.log_every_n_steps=4",
+        "logger=none",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    last = run / "checkpoints" / "last.ckpt"
+    assert (
+        f"error: non-finite loss (nan) at step 5: training stopped and nothing after it was "
+        f"saved; the last good checkpoint is {last} (step 3)"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 3  # the NaN weights of steps 5..8 were never written
+    assert all(torch.isfinite(v).all() for v in ckpt["current_model_state"].values())
+
+
+def test_skip_policy_skips_the_update_and_counts_it(tmp_path):
+    run = tmp_path / "run"
+    result = run_entry(
+        "train.py",
+        *FAST,
+        *_poison(2, 5),
+        "trainer_guard.nonfinite=skip",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=4",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 8
+    assert all(torch.isfinite(v).all() for v in ckpt["current_model_state"].values())
+    adam_steps = {s["step"].item() for s in ckpt["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {6.0}  # two of the eight updates were skipped on the device
+    with open(run / "csv" / "metrics.csv") as f:
+        skipped = [
+            float(r["train/skipped_steps"])
+            for r in csv.DictReader(f)
+            if r.get("train/skipped_steps")
+        ]
+    assert skipped[-1] == 2 and skipped[0] == 0
+
+
+def test_skip_needs_a_fused_optimizer(tmp_path):
+    result = run_entry(
+        "train.py", "trainer_guard.nonfinite=skip", "optimizer.fused=false", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "error: trainer_guard.nonfinite=skip needs a fused optimizer" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"nonfinite": "ignore"}, "trainer_guard.nonfinite='ignore' is unknown"),
+        ({"check_every_n_steps": 0}, "trainer_guard.check_every_n_steps=0 must be >= 1"),
+    ],
+)
+def test_guard_refuses_bad_settings(kwargs, expected):
+    with pytest.raises(ValueError, match=expected):
+        TrainerGuard(**kwargs)

@@ -1,0 +1,232 @@
+"""Never lose a run: exact resume, signals, and SIGKILL during a checkpoint write, with
+real train.py processes and real signals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_entry
+
+# Small, deterministic CPU runs: 1,761 training digits at batch 64 = 27 batches per epoch,
+# so step 20 is mid-epoch and 40 lies in the second epoch.
+FAST = [
+    "trainer.accelerator=cpu",
+    "trainer.deterministic=true",
+    "trainer.log_every_n_steps=5",
+    "data.batch_size=64",
+    "data.val_fraction=0.02",
+    "schedule.num_timesteps=20",
+    "model.base_channels=8",
+    "eval=null",
+    "callbacks.sample_grid=null",
+    "callbacks.loss_by_timestep=null",
+    "+trainer.enable_progress_bar=false",
+]
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _max_diff(a, b) -> float:
+    """Largest absolute difference between two nested structures of tensors."""
+    if isinstance(a, torch.Tensor):
+        return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        return max([_max_diff(a[k], b[k]) for k in a] or [0.0])
+    if isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        return max([_max_diff(x, y) for x, y in zip(a, b, strict=True)] or [0.0])
+    assert a == b, (a, b)
+    return 0.0
+
+
+def test_interrupted_and_resumed_run_equals_the_straight_run(tmp_path):
+    """2N steps straight == N steps, then resume=RUN_DIR for N more (to 1e-6): weights,
+    EMA, optimizer, LR schedule, counters, batch order and noise; same W&B run."""
+    common = [*FAST, "trainer.val_check_interval=15", "seed=7"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for run_dir, steps in ((straight, 40), (split, 20)):
+        result = run_entry(
+            "train.py",
+            *common,
+            f"trainer.max_steps={steps}",
+            f"hydra.run.dir={run_dir}",
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    half = _load(split / "checkpoints" / "last.ckpt")
+    assert half["global_step"] == 20  # saved at the end although no validation fell on 20
+    shutil.copy(split / "checkpoints" / "last.ckpt", tmp_path / "half.ckpt")
+
+    again = tmp_path / "again"  # the same seed gives the same run
+    result = run_entry(
+        "train.py", *common, "trainer.max_steps=20", f"hydra.run.dir={again}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        _max_diff(_load(again / "checkpoints" / "last.ckpt")["state_dict"], half["state_dict"]) == 0
+    )
+
+    result = run_entry("train.py", f"resume={split}", "trainer.max_steps=40", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _load(straight / "checkpoints" / "last.ckpt"), _load(split / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 40 and a["epoch"] == b["epoch"]
+    for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
+        assert _max_diff(a[key], b[key]) <= 1e-6, key
+    assert b["optimizer_states"][0]["state"][0]["step"].item() == 40
+
+    # one W&B run, continued; the first invocation's record and config are kept
+    runs = sorted(p.name for p in (split / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1]
+    assert b["logger_run_ids"]["wandb"] == runs[0].rsplit("-", 1)[1]
+    assert (split / ".hydra" / "overrides.yaml").is_file()
+    assert len(list((split / ".hydra").glob("resumed_*/overrides.yaml"))) == 1
+    assert "max_steps: 20" in (split / "config.step=20.yaml").read_text()
+    assert "max_steps: 40" in (split / "config.yaml").read_text()
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    run = tmp_path / "run"
+    result = run_entry(
+        "train.py",
+        *FAST,
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "logger=none",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    cases = [
+        (["trainer.max_steps=8", "model=small"], "model=small: resume continues the stored config"),
+        ([], "is at step 4, and trainer.max_steps=4: nothing to train"),
+        ([f"ckpt_path={run}/checkpoints/last.ckpt"], "give resume=RUN_DIR or ckpt_path=CKPT"),
+    ]
+    for extra, expected in cases:
+        result = run_entry("train.py", f"resume={run}", *extra, cwd=tmp_path)
+        assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_entry("train.py", f"resume={empty}", cwd=tmp_path)
+    assert result.returncode == 2 and "has no checkpoint to continue from" in result.stderr
+    # another model from the same checkpoint: say what differs
+    result = run_entry(
+        "train.py",
+        *FAST,
+        "model.base_channels=16",
+        f"ckpt_path={run}/checkpoints/last.ckpt",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "model.base_channels: checkpoint 8, this run 16" in result.stderr
+    # resume=auto on a folder without a checkpoint starts the run there
+    auto = tmp_path / "auto"
+    result = run_entry(
+        "train.py",
+        *FAST,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "logger=none",
+        "resume=auto",
+        f"hydra.run.dir={auto}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_entry(
+        "train.py", "trainer.max_steps=4", "resume=auto", f"hydra.run.dir={auto}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _load(auto / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_the_run_resumes(signum, tmp_path):
+    run = tmp_path / "run"
+    proc = _start(
+        [
+            *FAST,
+            "trainer.max_steps=100000",
+            "trainer.val_check_interval=5",
+            "logger=csv",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+    )
+    _wait_for(lambda: (run / "checkpoints" / "last.ckpt").is_file(), proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert f"stopped by {signal.Signals(signum).name} after step" in stderr
+    assert f"Continue with: python train.py resume={run}" in stderr
+    step = _load(run / "checkpoints" / "last.ckpt")["global_step"]
+    assert f"after step {step};" in stderr and step >= 5
+    result = run_entry("train.py", f"resume={run}", f"trainer.max_steps={step + 3}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == step + 3
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """A wide net makes each checkpoint ~150 MB; the process is killed while a write's
+    temporary file exists. last.ckpt must still load, and the run resumes from it."""
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    proc = _start(
+        [
+            *FAST,
+            "model.base_channels=128",
+            "trainer.max_steps=100000",
+            "trainer.val_check_interval=1",
+            "logger=none",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+    )
+    try:
+        _wait_for(lambda: (ckpts / "last.ckpt").is_file(), proc, timeout=240)
+        _wait_for(lambda: any(ckpts.glob(".tmp-*.part")), proc, timeout=120)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert any(ckpts.glob(".tmp-*.part"))  # killed inside a write
+    step = _load(ckpts / "last.ckpt")["global_step"]  # ... and the last one is whole
+    assert step >= 1
+    result = run_entry("train.py", f"resume={run}", f"trainer.max_steps={step + 1}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not any(ckpts.glob(".tmp-*.part"))  # the partial file was swept
+    assert _load(ckpts / "last.ckpt")["global_step"] == step + 1

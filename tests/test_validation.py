@@ -1,0 +1,92 @@
+"""Every user-facing value is checked at startup, and nothing is written before that."""
+
+from __future__ import annotations
+
+import pytest
+
+from ddpm.validation import ConfigError, validate_config
+from tests.conftest import compose_train, run_entry
+
+
+def test_every_shipped_config_passes():
+    for overrides in (
+        [],
+        ["experiment=digits_long"],
+        ["experiment=digits_cond"],
+        ["experiment=mnist"],
+        ["experiment=cifar10_ddpm", "trainer.accelerator=cpu", "precision=32-true"],
+        ["trainer=ddp", "trainer.accelerator=cpu"],
+        ["precision=bf16-mixed"],
+    ):
+        validate_config(compose_train(overrides, output_dir="/tmp/x"))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.batch_size=abc", "data.batch_size='abc' is not allowed: it must be an integer >= 1"),
+        ("data.batch_size=0", "data.batch_size=0 is not allowed"),
+        ("optimizer.lr=-1", "optimizer.lr=-1 is not allowed: it must be a number > 0"),
+        ("optimizer.betas=[0.9]", "optimizer.betas=[0.9] is not allowed: it must be two numbers"),
+        ("trainer.max_steps=0", "trainer.max_steps=0 is not allowed"),
+        ("trainer.max_steps=1.5", "trainer.max_steps=1.5 is not allowed"),
+        ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is not allowed"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 is not allowed"),
+        ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is not"),
+        (
+            "callbacks.ema.decay=1.5",
+            "callbacks.ema.decay=1.5 is not allowed: it must be a number in [0, 1)",
+        ),
+        (
+            "callbacks.checkpoint.monitor=val/acc",
+            "callbacks.checkpoint.monitor='val/acc' is not allowed",
+        ),
+        (
+            "trainer_guard.nonfinite=maybe",
+            "trainer_guard.nonfinite='maybe' is not allowed: it must be stop or skip",
+        ),
+        ("seed=-3", "seed=-3 is not allowed: it must be an integer >= 0, or null"),
+        ("model.channel_mults=[1,0]", "model.channel_mults=[1, 0] is not allowed"),
+        ("model.dropout=1", "model.dropout=1 is not allowed"),
+        ("eval.num_samples=1", "eval.num_samples=1 is not allowed"),
+        ("trainer.precision=8-mixed", "trainer.precision='8-mixed' is not allowed"),
+        ("trainer.accelerator=tpu2", "trainer.accelerator='tpu2' is not allowed"),
+        ("optimized_metric=loss", "optimized_metric='loss' is not allowed"),
+    ],
+)
+def test_bad_values_are_named_with_what_is_allowed(override, expected):
+    with pytest.raises(ConfigError) as info:
+        validate_config(compose_train([override], output_dir="/tmp/x"))
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["trainer.accelerator=cpu", "precision=16-mixed"], "precision=16-mixed needs a CUDA GPU"),
+        (["eval=null", "callbacks.checkpoint.monitor=val/fid"], "needs FID during training"),
+        (["eval=null", "optimized_metric=val/fid"], "optimized_metric=val/fid needs FID"),
+    ],
+)
+def test_incompatible_combinations_are_refused(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        validate_config(compose_train(overrides, output_dir="/tmp/x"))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["optimizer.lr=-1"], "error: optimizer.lr=-1 is not allowed: it must be a number > 0"),
+        (["data.batch_size=abc"], "error: data.batch_size='abc' is not allowed"),
+        (["trainer.accelerator=gpu"], "error: trainer.accelerator=gpu but no CUDA GPU is visible"),
+        (["hydra.run.dir=afile/run"], "error: cannot write the run folder"),
+    ],
+)
+def test_train_py_stops_before_writing_anything(args, expected, tmp_path):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    result = run_entry("train.py", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no logs/, no run dir
