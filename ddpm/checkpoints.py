@@ -48,6 +48,7 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is a normal file
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -58,6 +59,12 @@ def atomic_torch_save(obj: object, path: Path) -> None:
             os.remove(tmp)
         raise
     _fsync_dir(path.parent)  # ... and the rename itself survives a power cut
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

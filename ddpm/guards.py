@@ -80,7 +80,8 @@ class TrainerGuard(L.Callback):
         if self.signal_received is not None:  # the second one: stop now
             self._restore_handlers()
             if signum == signal.SIGINT:
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt  # Lightning shuts down on it
+            signal.signal(signum, signal.SIG_DFL)  # not Lightning's handler: it only notes it
             signal.raise_signal(signum)
             return
         self.signal_received = signum
@@ -113,9 +114,7 @@ class TrainerGuard(L.Callback):
         return bool(flag.item())
 
     def _save_and_stop(self, trainer: L.Trainer) -> None:
-        ckpt_dir = _checkpoint_dir(trainer)
-        path = ckpt_dir / "last.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)
+        path = _save_last(trainer)
         trainer.should_stop = True
         self.interrupted_at = (trainer.global_step, path)
 
@@ -176,10 +175,14 @@ class TrainerGuard(L.Callback):
             self.check_finite(trainer)
         if self._should_stop_for_signal(trainer):
             self._save_and_stop(trainer)
-        elif 0 < trainer.max_steps <= trainer.global_step != self._last_saved_step:
+        elif self._is_final_step(trainer) and self._last_saved_step != trainer.global_step:
             # The final step is always saved, even when no validation falls on it; saved
             # here rather than at train end, where Lightning has already closed the epoch.
-            trainer.save_checkpoint(_checkpoint_dir(trainer) / "last.ckpt", weights_only=False)
+            _save_last(trainer)
+
+    @staticmethod
+    def _is_final_step(trainer: L.Trainer) -> bool:
+        return trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
 
     def check_finite(self, trainer: L.Trainer) -> None:
         """Raise RunStopped if a loss was non-finite under the stop policy (a host sync)."""
@@ -237,6 +240,17 @@ def _last_checkpoint_path(trainer: L.Trainer) -> str:
         if isinstance(callback, ModelCheckpoint):
             return callback.last_model_path or callback.best_model_path
     return ""
+
+
+def _save_last(trainer: L.Trainer) -> Path:
+    """Write ``last.ckpt`` now. ModelCheckpoint is told it is its own last checkpoint, so
+    a validation in the same step overwrites it instead of writing ``last-v1.ckpt``."""
+    path = _checkpoint_dir(trainer) / "last.ckpt"
+    trainer.save_checkpoint(path, weights_only=False)
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last:
+            callback.last_model_path = str(path)
+    return path
 
 
 def _checkpoint_dir(trainer: L.Trainer) -> Path:

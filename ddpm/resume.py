@@ -17,7 +17,12 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.checkpoints import CheckpointError, newest_checkpoint, read_checkpoint
+from ddpm.checkpoints import (
+    CheckpointError,
+    config_differences,
+    newest_checkpoint,
+    read_checkpoint,
+)
 
 # Overrides that choose how to continue rather than what the run is.
 _CONTROL_KEYS = ("resume", "ckpt_path")
@@ -76,18 +81,49 @@ def apply_resume(cfg: DictConfig, overrides: list[str], groups: set[str]) -> Dic
         stored, str(stored.get("paths", {}).get("output_dir", "")), str(folder)
     )
     merged = OmegaConf.create(stored)
+    choices = []
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
         if key in _CONTROL_KEYS or key.startswith("hydra.") or override.is_sweep_override():
             continue
-        if key in groups or override.is_delete():
+        if override.is_delete():
             raise CheckpointError(
-                f"{override.input_line}: resume continues the stored config of {ckpt}; "
-                "a group choice or deletion would change the run (start a new run, or use "
-                "ckpt_path= to start one from this checkpoint)"
+                f"{override.input_line}: resume continues the stored config of {ckpt}; a "
+                "deletion would change the run (start a new run, or use ckpt_path=)"
             )
+        if key in groups:
+            choices.append(override.input_line)
+            continue
         OmegaConf.update(merged, key, override.value(), merge=True, force_add=override.is_add())
+    if choices:  # allowed when they compose what the run already is (a repeated command)
+        _check_same_run(ckpt, choices, OmegaConf.to_container(merged), cfg)
     with_open = OmegaConf.to_container(merged)
     with_open["resume"] = str(resume)
     with_open["ckpt_path"] = str(ckpt)
     return OmegaConf.create(with_open)
+
+
+# Filled in at run time, so a fresh composition cannot match them.
+_RUNTIME_KEYS = ("seed", "data.shuffle_seed", "model.num_classes", "resume", "ckpt_path")
+
+
+def _check_same_run(
+    ckpt: Path, choices: list[str], stored: dict[str, Any], cfg: DictConfig
+) -> None:
+    """Group choices on a resume are fine when the config they compose equals the stored
+    one (e.g. a requeued job repeating its command); otherwise say what they change."""
+    current = OmegaConf.to_container(cfg, resolve=True)
+    keys = tuple(k for k in {*stored, *current} if k not in ("paths", "hydra"))
+    diffs = [
+        d
+        for d in config_differences(stored, current, keys)
+        if not d.split(":")[0].startswith(_RUNTIME_KEYS)
+    ]
+    chosen = tuple(line.split("=")[0].lstrip("+") for line in choices)
+    diffs.sort(key=lambda d: not d.startswith(chosen))  # what the choices change, first
+    if diffs:
+        raise CheckpointError(
+            f"{' '.join(choices)} would change the run being resumed ({'; '.join(diffs[:3])}); "
+            f"resume continues the stored config of {ckpt}: drop the group choice, start a new "
+            "run, or use ckpt_path= to start one from this checkpoint"
+        )

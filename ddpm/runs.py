@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ class Prepared:
     ckpt_path: str | None
     resumed_step: int | None = None
     guard: TrainerGuard | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def check_writable(folder: Path) -> None:
@@ -61,9 +60,11 @@ def check_writable(folder: Path) -> None:
         )
 
 
-def prepare(cfg: DictConfig, overrides: list[str] | None = None, groups: set[str] = frozenset()):
+def prepare(
+    cfg: DictConfig, overrides: list[str] | None = None, groups: set[str] | None = None
+) -> Prepared:
     """Resolve, validate and build a training run from ``cfg`` (writes nothing)."""
-    cfg = apply_resume(cfg, overrides or [], set(groups))
+    cfg = apply_resume(cfg, overrides or [], groups or set())
     OmegaConf.resolve(cfg)
     validate_config(cfg)
     with open_dict(cfg):

@@ -71,3 +71,14 @@ def run_entry(
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny run through train.py (no logger, no FID): its run folder. Read-only."""
+    work = tmp_path_factory.mktemp("tiny_run")
+    result = run_entry(
+        "train.py", *TINY, "logger=none", "eval=null", f"hydra.run.dir={work / 'run'}", cwd=work
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work / "run"

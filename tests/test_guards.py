@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ddpm.guards import TrainerGuard
-from tests.conftest import run_entry
+from ddpm.validation import ConfigError, validate_config
+from tests.conftest import compose_train, run_entry
 from tests.test_resume import FAST
 
 
@@ -74,11 +75,9 @@ def test_skip_policy_skips_the_update_and_counts_it(tmp_path):
 
 
 def test_skip_needs_a_fused_optimizer(tmp_path):
-    result = run_entry(
-        "train.py", "trainer_guard.nonfinite=skip", "optimizer.fused=false", cwd=tmp_path
-    )
-    assert result.returncode == 2
-    assert "error: trainer_guard.nonfinite=skip needs a fused optimizer" in result.stderr
+    cfg = compose_train(["trainer_guard.nonfinite=skip", "optimizer.fused=false"], tmp_path)
+    with pytest.raises(ConfigError, match=r"trainer_guard\.nonfinite=skip needs a fused optimizer"):
+        validate_config(cfg)
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,7 @@ def test_bad_values_are_named_with_what_is_allowed(override, expected):
         (["trainer.accelerator=cpu", "precision=16-mixed"], "precision=16-mixed needs a CUDA GPU"),
         (["eval=null", "callbacks.checkpoint.monitor=val/fid"], "needs FID during training"),
         (["eval=null", "optimized_metric=val/fid"], "optimized_metric=val/fid needs FID"),
+        (["trainer.accelerator=gpu"], "trainer.accelerator=gpu but no CUDA GPU is visible"),
     ],
 )
 def test_incompatible_combinations_are_refused(overrides, expected):
@@ -78,8 +79,6 @@ def test_incompatible_combinations_are_refused(overrides, expected):
     ("args", "expected"),
     [
         (["optimizer.lr=-1"], "error: optimizer.lr=-1 is not allowed: it must be a number > 0"),
-        (["data.batch_size=abc"], "error: data.batch_size='abc' is not allowed"),
-        (["trainer.accelerator=gpu"], "error: trainer.accelerator=gpu but no CUDA GPU is visible"),
         (["hydra.run.dir=afile/run"], "error: cannot write the run folder"),
     ],
 )
