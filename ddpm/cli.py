@@ -97,8 +97,9 @@ def _fit(prepared: Prepared) -> float | None:
             f"stopped by {name} after step {step}; saved {path}. "
             f"Continue with: python train.py resume={output_dir}"
         )
-        log.warning("%s", message)
-        print(message, file=sys.stderr)
+        if trainer.is_global_zero:
+            log.warning("%s", message)
+            print(message, file=sys.stderr)
         raise SystemExit(128 + int(guard.signal_received))
     metric_name = cfg.get("optimized_metric")
     value = trainer.callback_metrics.get(metric_name) if metric_name else None

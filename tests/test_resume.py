@@ -191,6 +191,34 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(signum, tmp_path):
     assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == step + 3
 
 
+def test_sigterm_stops_both_ddp_ranks_at_one_step_and_the_run_resumes(tmp_path):
+    """2 gloo processes; SIGTERM to rank 0 only (e.g. `kill`): the ranks agree on the step,
+    save one checkpoint, exit; the resumed run continues under DDP."""
+    run = tmp_path / "run"
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=16"]
+    proc = _start(
+        [
+            *FAST,
+            *ddp,
+            "trainer.max_steps=100000",
+            "trainer.val_check_interval=5",
+            "logger=csv",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+    )
+    _wait_for(lambda: (run / "checkpoints" / "last.ckpt").is_file(), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert stderr.count("stopped by SIGTERM after step") == 1  # said once, by rank 0
+    step = _load(run / "checkpoints" / "last.ckpt")["global_step"]
+    assert step % 5 == 0  # the ranks stop at a step where they compare flags
+    result = run_entry("train.py", f"resume={run}", f"trainer.max_steps={step + 2}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == step + 2
+
+
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     """A wider net makes each checkpoint ~40 MB; the process is killed while a write's
     temporary file exists. last.ckpt must still load, and the run resumes from it."""
