@@ -105,7 +105,13 @@ def prepare(
         if isinstance(callback, SampleQuality):
             callback.load_extractor(datamodule)  # a missing download fails here, at once
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        plugins=[AtomicCheckpointIO()],
+        # The data module shards and orders the training batches itself (ddpm.batches: a
+        # function of the step, so resumes are exact); Lightning must not replace them.
+        use_distributed_sampler=False,
     )
     return Prepared(cfg, datamodule, module, trainer, loggers, ckpt_path, step, guard)
 
