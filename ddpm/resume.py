@@ -70,6 +70,12 @@ def apply_resume(cfg: DictConfig, overrides: list[str], groups: set[str]) -> Dic
     folder = Path(cfg.paths.output_dir)
     if resume != "auto" and not Path(resume).is_dir():
         raise CheckpointError(f"resume={resume}: no such run folder (pass a folder train.py wrote)")
+    if resume != "auto" and Path(resume).resolve() != folder.resolve():
+        raise CheckpointError(
+            f"resume={resume} continues the run in its own folder, but the run folder is "
+            f"{folder}: drop hydra.run.dir, or start a new folder from a checkpoint with "
+            f"ckpt_path={resume}/checkpoints/last.ckpt"
+        )
     try:
         ckpt = newest_checkpoint(folder)
     except CheckpointError:

@@ -103,6 +103,8 @@ def test_resume_refuses_what_it_cannot_continue(tiny_run, tmp_path):
         prepare(_resume_cfg(tiny_run), [], groups)
     with pytest.raises(CheckpointError, match="give resume=RUN_DIR or ckpt_path=CKPT"):
         apply_resume(_resume_cfg(tiny_run, "ckpt_path=x.ckpt"), [], groups)
+    with pytest.raises(CheckpointError, match="continues the run in its own folder"):
+        apply_resume(compose_train([f"resume={tiny_run}"], output_dir=tmp_path / "b"), [], groups)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="has no checkpoint to continue from"):
@@ -161,34 +163,42 @@ def _wait_for(
         time.sleep(poll)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_a_checkpoint_and_the_run_resumes(signum, tmp_path):
-    """SIGTERM (schedulers, `kill`) and SIGINT (Ctrl-C): save, stop, resume."""
-    run = tmp_path / "run"
+def _interrupt(run: Path, signum: int, extra: list[str], cwd: Path) -> tuple[str, int]:
+    """Start an endless run, send ``signum`` once it has a checkpoint; (stderr, step)."""
     proc = _start(
         [
             *FAST,
+            *extra,
             "trainer.max_steps=100000",
             "trainer.val_check_interval=5",
             "logger=csv",
             f"hydra.run.dir={run}",
         ],
-        tmp_path,
+        cwd,
     )
     _wait_for(lambda: (run / "checkpoints" / "last.ckpt").is_file(), proc)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, stderr[-3000:]
     assert "Traceback" not in stderr
-    assert f"stopped by {signal.Signals(signum).name} after step" in stderr
-    assert f"Continue with: python train.py resume={run}" in stderr
-    step = _load(run / "checkpoints" / "last.ckpt")["global_step"]
-    assert f"after step {step};" in stderr and step >= 5
-    if signum == signal.SIGINT:
-        return  # resuming is the same as after SIGTERM
-    result = run_entry("train.py", f"resume={run}", f"trainer.max_steps={step + 3}", cwd=tmp_path)
+    return stderr, _load(run / "checkpoints" / "last.ckpt")["global_step"]
+
+
+def _resume_to(run: Path, steps: int, cwd: Path) -> None:
+    result = run_entry("train.py", f"resume={run}", f"trainer.max_steps={steps}", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == step + 3
+    assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == steps
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_the_run_resumes(signum, tmp_path):
+    """SIGTERM (schedulers, `kill`) and SIGINT (Ctrl-C): save, stop, resume."""
+    run = tmp_path / "run"
+    stderr, step = _interrupt(run, signum, [], tmp_path)
+    assert f"stopped by {signal.Signals(signum).name} after step {step};" in stderr
+    assert f"Continue with: python train.py resume={run}" in stderr and step >= 5
+    if signum == signal.SIGTERM:  # resuming after SIGINT is the same
+        _resume_to(run, step + 3, tmp_path)
 
 
 def test_sigterm_stops_both_ddp_ranks_at_one_step_and_the_run_resumes(tmp_path):
@@ -196,27 +206,10 @@ def test_sigterm_stops_both_ddp_ranks_at_one_step_and_the_run_resumes(tmp_path):
     save one checkpoint, exit; the resumed run continues under DDP."""
     run = tmp_path / "run"
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=16"]
-    proc = _start(
-        [
-            *FAST,
-            *ddp,
-            "trainer.max_steps=100000",
-            "trainer.val_check_interval=5",
-            "logger=csv",
-            f"hydra.run.dir={run}",
-        ],
-        tmp_path,
-    )
-    _wait_for(lambda: (run / "checkpoints" / "last.ckpt").is_file(), proc)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    stderr, step = _interrupt(run, signal.SIGTERM, ddp, tmp_path)
     assert stderr.count("stopped by SIGTERM after step") == 1  # said once, by rank 0
-    step = _load(run / "checkpoints" / "last.ckpt")["global_step"]
     assert step % 5 == 0  # the ranks stop at a step where they compare flags
-    result = run_entry("train.py", f"resume={run}", f"trainer.max_steps={step + 2}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == step + 2
+    _resume_to(run, step + 2, tmp_path)
 
 
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
@@ -247,7 +240,5 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert any(ckpts.glob(".tmp-*.part"))  # killed inside a write
     step = _load(ckpts / "last.ckpt")["global_step"]  # ... and the last one is whole
     assert step >= 1
-    result = run_entry("train.py", f"resume={run}", f"trainer.max_steps={step + 1}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _resume_to(run, step + 1, tmp_path)
     assert not any(ckpts.glob(".tmp-*.part"))  # the partial file was swept
-    assert _load(ckpts / "last.ckpt")["global_step"] == step + 1
