@@ -162,7 +162,7 @@ class PrepareFirst(HydraCallback):
         key = _fingerprint(task)
         try:
             if self.task == "sample":
-                from ddpm.cli import prepare_sample
+                from ddpm.cli import prepare_sample  # here: ddpm.cli imports this module
 
                 _PREPARED[key] = prepare_sample(task)
                 return
