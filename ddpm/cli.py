@@ -34,7 +34,14 @@ from ddpm.images import class_grid, save_png, to_uint8
 from ddpm.loggers import finish_loggers
 from ddpm.metrics import evaluate_images
 from ddpm.module import DiffusionModule
-from ddpm.runs import Prepared, check_writable, hydra_overrides, prepare, take_prepared
+from ddpm.runs import (
+    Prepared,
+    RunComplete,
+    check_writable,
+    hydra_overrides,
+    prepare,
+    take_prepared,
+)
 from ddpm.samplers import Sampler
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,9 @@ def train(cfg: DictConfig) -> float | None:
     if prepared is None:
         try:
             prepared = prepare(cfg, *hydra_overrides())
+        except RunComplete as done:
+            log.info("%s", done)
+            return None
         except Exception as exc:
             message = user_error(exc)
             if message is None:

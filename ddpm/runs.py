@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ from ddpm.resume import apply_resume
 from ddpm.validation import validate_config
 
 _SEED_ENV = "DDPM_RUN_SEED"
+
+
+class RunComplete(Exception):
+    """``resume=auto`` found the run already finished (a requeued job): exit 0."""
 
 
 @dataclass
@@ -83,6 +88,11 @@ def prepare(
         run_ids, step = ckpt.get("logger_run_ids") or {}, int(ckpt.get("global_step", 0))
         del ckpt
         max_steps = int(cfg.trainer.get("max_steps", -1))
+        if 0 < max_steps <= step and cfg.get("resume") == "auto":
+            raise RunComplete(
+                f"the run in {cfg.paths.output_dir} is complete (step {step}, "
+                f"trainer.max_steps={max_steps}): nothing to do"
+            )
         if 0 < max_steps <= step:
             raise UsageError(
                 f"{ckpt_path} is at step {step}, and trainer.max_steps={max_steps}: nothing "
@@ -172,6 +182,9 @@ class PrepareFirst(HydraCallback):
             overrides = list(config.hydra.overrides.task)
             groups = set(config.hydra.runtime.choices.keys())
             _PREPARED[key] = prepare(task, overrides, groups)
+        except RunComplete as done:
+            print(done, file=sys.stderr)
+            raise SystemExit(0) from None
         except Exception as exc:
             message = user_error(exc)
             if message is None:

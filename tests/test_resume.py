@@ -139,6 +139,19 @@ def test_resume_auto_starts_then_continues_a_run(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         assert _load(auto / "checkpoints" / "last.ckpt")["global_step"] == steps
     assert sorted(p.name for p in (auto / "checkpoints").iterdir())[-1] == "last.ckpt"
+    # requeued after it finished: nothing to do, and no error
+    result = run_entry(
+        "train.py",
+        *FAST,
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "logger=none",
+        "resume=auto",
+        f"hydra.run.dir={auto}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "is complete (step 4, trainer.max_steps=4): nothing to do" in result.stderr
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
