@@ -77,6 +77,8 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         val_seed=cfg.get("val_seed", 0),
         config=OmegaConf.to_container(cfg, resolve=True),
         train_seed=cfg.get("seed") or 0,
+        compile=bool(cfg.get("compile", False)),
+        channels_last=bool(cfg.get("channels_last", False)),
     )
 
 

@@ -42,6 +42,8 @@ class DiffusionModule(L.LightningModule):
         val_seed: int = 0,
         config: dict[str, Any] | None = None,
         train_seed: int = 0,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         check = getattr(objective, "check_schedule", None)
@@ -61,6 +63,25 @@ class DiffusionModule(L.LightningModule):
         self.val_seed = val_seed
         self.train_seed = train_seed
         self._seeded_step = (-1, 0)  # (global step, micro-batch) last seeded
+        self.compile = bool(compile)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            # NHWC conv weights: convolutions then return channels-last activations, so
+            # the whole net (and the copies EMA makes of it) runs in that layout.
+            self.net.to(memory_format=torch.channels_last)
+
+    def train_net(self) -> nn.Module:
+        """The net the training loss calls: ``self.net``, or with ``compile=True`` its
+        ``torch.compile`` wrapper, built on first use. The wrapper is kept out of the module
+        tree (no ``_orig_mod.`` keys in checkpoints: they load without compile) and is made
+        after the EMA callback copied the module, so the copy never calls the live net."""
+        if not self.compile:
+            return self.net
+        compiled = self.__dict__.get("_compiled_net")
+        if compiled is None:
+            compiled = torch.compile(self.net, dynamic=False)  # one graph per batch shape
+            self.__dict__["_compiled_net"] = compiled  # plain attribute, not a submodule
+        return compiled
 
     @property
     def num_classes(self) -> int:
@@ -92,11 +113,21 @@ class DiffusionModule(L.LightningModule):
                 checkpoint.setdefault("logger_run_ids", {})["wandb"] = str(logger.version)
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
-        y = batch[1] if self.num_classes else None
-        loss = self.objective(self.net, self.schedule, batch[0], y=y).mean()
-        # on_step logging keeps the value on the device: no host sync in the hot path.
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        x0, y = batch[0], (batch[1] if self.num_classes else None)
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        loss = self.objective(self.train_net(), self.schedule, x0, y=y).mean()
+        # Kept on the device; not a progress-bar value, which Lightning would turn into a
+        # Python number (a host sync) at every step: ddpm.progress.ProgressBar shows it.
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
         return loss
+
+    def logs_this_step(self) -> bool:
+        """Whether the loggers write at this step (every ``log_every_n_steps``): values
+        that cost work to compute are logged only then."""
+        trainer = self._trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Loss on fixed (t, noise) per image; returns per-sample losses and timesteps too
@@ -117,8 +148,8 @@ class DiffusionModule(L.LightningModule):
         return {"loss": loss, "per_sample_loss": per_sample, "t": t}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the global gradient norm (before clipping) every ``log_every_n_steps``."""
-        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) != 0:
+        """Log the global gradient norm (before clipping) when the loggers write."""
+        if not self.logs_this_step():
             return
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         if grads:

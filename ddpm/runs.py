@@ -29,6 +29,7 @@ from ddpm.checkpoints import AtomicCheckpointIO, check_fits, read_checkpoint
 from ddpm.guards import TrainerGuard
 from ddpm.loggers import build_loggers
 from ddpm.module import DiffusionModule
+from ddpm.precision import precision_plugin
 from ddpm.resume import apply_resume
 from ddpm.validation import validate_config
 
@@ -76,6 +77,13 @@ def prepare(
         if cfg.get("seed") is None:  # a fresh seed, recorded in the config and checkpoint;
             # DDP ranks started by Lightning inherit rank 0's through the environment
             child = os.environ.get("LOCAL_RANK", "0") != "0"
+            launched = max(int(os.environ.get(k, "1") or 1) for k in ("WORLD_SIZE", "SLURM_NTASKS"))
+            if launched > 1 and not os.environ.get(_SEED_ENV):
+                raise UsageError(
+                    f"seed=null draws a seed in each process, and the {launched} processes "
+                    "started by torchrun/srun would each draw their own (different weights and "
+                    "overlapping data shards); set seed=N, the same on every node"
+                )
             seed = (child and os.environ.get(_SEED_ENV)) or random.SystemRandom().randrange(2**31)
             os.environ[_SEED_ENV] = str(seed)
             cfg.seed = int(seed)
@@ -114,11 +122,17 @@ def prepare(
     for callback in callbacks:
         if isinstance(callback, SampleQuality):
             callback.load_extractor(datamodule)  # a missing download fails here, at once
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    mixed = precision_plugin(str(trainer_cfg.get("precision")), str(trainer_cfg["accelerator"]))
+    if mixed is not None:  # the plugin carries the precision; Lightning takes one of the two
+        plugins.append(mixed)
+        trainer_cfg.pop("precision")
     trainer: L.Trainer = instantiate(
-        cfg.trainer,
+        trainer_cfg,
         callbacks=callbacks,
         logger=loggers,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         # The data module shards and orders the training batches itself (ddpm.batches: a
         # function of the step, so resumes are exact); Lightning must not replace them.
         use_distributed_sampler=False,

@@ -8,6 +8,8 @@ reads ``data.batch_size=abc`` as a string) and cross-key combinations are caught
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -142,6 +144,8 @@ RULES: dict[str, tuple[Check, str]] = {
     "eval.reference_split": (lambda v: v in ("train", "val", "all"), "train, val or all"),
     "trainer_guard.nonfinite": (lambda v: v in ("stop", "skip"), "stop or skip"),
     "trainer_guard.check_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "compile": (lambda v: v in (True, False), "true or false"),
+    "channels_last": (lambda v: v in (True, False), "true or false"),
     "optimized_metric": (
         lambda v: v is None or (isinstance(v, str) and v.startswith(("val/", "train/"))),
         "a logged metric such as val/loss or val/fid, or null",
@@ -189,6 +193,11 @@ def _check_combinations(cfg: DictConfig) -> None:
             f"precision={precision} needs a CUDA GPU (fp16 autocast with loss scaling); "
             "on the CPU use precision=bf16-mixed or precision=32-true"
         )
+    if cfg.get("compile") is True and on_cpu and not _cxx_compiler():
+        raise ConfigError(
+            "compile=true on the CPU needs a C++ compiler for TorchInductor and none was "
+            "found (g++, clang++ or $CXX); install one or set compile=false"
+        )
     checkpoint = (cfg.get("callbacks") or {}).get("checkpoint") or {}
     monitor = checkpoint.get("monitor")
     if monitor in ("val/fid", "val/kid") and cfg.get("eval") is None:
@@ -213,3 +222,9 @@ def _check_combinations(cfg: DictConfig) -> None:
                 f"the device (optimizer._target_={target}, optimizer.fused="
                 f"{_show(optimizer.get('fused'))}); use AdamW with optimizer.fused=true"
             )
+
+
+def _cxx_compiler() -> str | None:
+    """The C++ compiler TorchInductor would use for CPU code, if one is installed."""
+    candidates = [os.environ.get("CXX"), "g++", "clang++", "c++"]
+    return next((shutil.which(c) for c in candidates if c and shutil.which(c)), None)

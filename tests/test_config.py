@@ -151,14 +151,14 @@ def test_callbacks_instantiate_with_ema_then_guard_last(tmp_path):
     names = [type(cb).__name__ for cb in callbacks]
     # EMA after the validation-time callbacks; the guard after EMA, so a checkpoint it
     # writes at the end of a step includes that step's EMA update
-    assert names[-2:] == ["EMAWeightAveraging", "TrainerGuard"]
+    assert names[-2:] == ["EMA", "TrainerGuard"]
     assert {
         "ModelCheckpoint",
         "SampleGrid",
         "LossByTimestep",
         "SampleQuality",
         "LearningRateMonitor",
-        "TQDMProgressBar",
+        "ProgressBar",
     } <= set(names)
 
 
