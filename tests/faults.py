@@ -1,7 +1,9 @@
-"""Faults injected into real training runs by the tests (through a callbacks override)."""
+"""Faults and probes injected into real training runs by the tests (through a callbacks
+override such as ``+callbacks.probe._target_=tests.faults.RankProbe``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -19,3 +21,30 @@ class PoisonBatches(L.Callback):
     ) -> None:
         if trainer.global_step + 1 in self.steps:
             batch[0].fill_(torch.nan)
+
+
+class RankProbe(L.Callback):
+    """Writes, per rank, what that rank starts from: its weights as built (before DDP
+    could broadcast anything), and the first training batch with the timesteps the loss
+    is about to draw (replayed from a copy of the generator state, which is left as is)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.record: dict[str, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        params = [p.detach().flatten() for p in pl_module.parameters()]
+        self.record["weights"] = torch.cat(params).clone()  # [n_params]
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if "batch" in self.record:
+            return
+        replay = torch.Generator().manual_seed(0)
+        replay.set_state(torch.get_rng_state())
+        num_timesteps = pl_module.schedule.num_timesteps
+        self.record["batch"] = batch[0].detach().clone()
+        self.record["t"] = torch.randint(0, num_timesteps, (batch[0].shape[0],), generator=replay)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")

@@ -1,5 +1,6 @@
 """The real entry points, run as a user runs them: train.py, sample.py, -m sweeps, errors."""
 
+import csv
 import json
 import shutil
 import subprocess
@@ -179,8 +180,9 @@ def test_bad_input_fails_fast_with_one_clear_line(script, args, expected, tmp_pa
 
 
 def test_ddp_on_cpu_writes_one_run_dir(tmp_path):
-    """Two gloo processes through the real entry point: one run dir, one checkpoint set."""
-    run_dir = tmp_path / "run"
+    """Two gloo processes through the real entry point: one run dir, one checkpoint set,
+    grids written once, identical initial weights, different data and timesteps per rank."""
+    run_dir, probes = tmp_path / "run", tmp_path.parent / f"{tmp_path.name}-probes"
     result = run_entry(
         "train.py",
         *TINY,
@@ -189,12 +191,21 @@ def test_ddp_on_cpu_writes_one_run_dir(tmp_path):
         "trainer.devices=2",
         "logger=csv",
         f"hydra.run.dir={run_dir}",
+        "+callbacks.probe._target_=tests.faults.RankProbe",
+        f"+callbacks.probe.out_dir={probes}",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))[-1] == "last.ckpt"
+    assert len(list((run_dir / "checkpoints").glob("*.ckpt"))) == 2  # last + best, once
     assert len(list((run_dir / "samples").glob("grid_*.png"))) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no second output dir per rank
+    rank0, rank1 = (torch.load(probes / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0["weights"], rank1["weights"])  # as built, before any broadcast
+    assert not torch.equal(rank0["batch"], rank1["batch"])  # each rank its own shard
+    assert not torch.equal(rank0["t"], rank1["t"])  # and its own timesteps (and noise)
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    assert sum(bool(r.get("val/loss")) for r in rows) == 2  # one synchronised value each
 
 
 def test_console_scripts_find_their_configs(tmp_path):
