@@ -11,6 +11,7 @@ checkpoint, and starts a new run there when it does not (preemptible jobs, SLURM
 from __future__ import annotations
 
 import datetime
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,14 @@ def run_dir(resume: str | None, default: str) -> str:
     return str(resume) if resume not in (None, "", "auto") else default
 
 
-def hydra_subdir(directory: str) -> str:
+def hydra_subdir(directory: str) -> str | None:
     """``hydra.output_subdir``: ``.hydra``, or a fresh ``.hydra/resumed_<time>`` when the
-    folder already holds a run, so a resume never overwrites the original record."""
+    folder already holds a run, so a resume never overwrites the original record. None
+    (no record) in the processes of rank > 0 that torchrun or srun start with the same
+    command: rank 0 records the invocation once."""
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID")
+    if rank not in (None, "", "0"):
+        return None
     if (Path(directory) / ".hydra").is_dir():
         return f".hydra/resumed_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}"
     return ".hydra"

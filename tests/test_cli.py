@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -116,7 +117,9 @@ def test_sample_accepts_a_sampler_override(trained, tmp_path):
     assert info["name"] == "DDIMSampler" and info["steps"] == 5 and info["eta"] == 0.5
 
 
-def test_multirun_gives_one_dir_and_one_logger_run_per_job(tmp_path):
+def test_multirun_of_ddp_jobs_gives_one_dir_and_one_logger_run_per_job(tmp_path):
+    """A sweep whose jobs are 2-process DDP runs: one folder and one W&B run per job,
+    none per rank."""
     overrides = [o for o in TINY if not o.startswith("schedule.")]
     result = run_entry(
         "train.py",
@@ -124,12 +127,15 @@ def test_multirun_gives_one_dir_and_one_logger_run_per_job(tmp_path):
         "schedule=linear,cosine",
         "schedule.num_timesteps=30",
         *overrides,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0", "1", "multirun.yaml"]
     jobs = sorted((tmp_path / "sweep").glob("[0-9]"))
-    assert [j.name for j in jobs] == ["0", "1"]
     runs = []
     for job in jobs:
         assert (job / "checkpoints" / "last.ckpt").is_file()
@@ -138,6 +144,56 @@ def test_multirun_gives_one_dir_and_one_logger_run_per_job(tmp_path):
         runs_schedule = ckpt["hyper_parameters"]["config"]["schedule"]["name"]
         assert runs_schedule == ("linear" if job.name == "0" else "cosine")
     assert len(runs) == 2 and runs[0].name != runs[1].name
+
+
+def test_torchrun_processes_share_one_run_dir(tmp_path):
+    """torchrun (the multi-node launcher) starts 2 processes with the same command: one
+    run folder, one Hydra record, one checkpoint set; seed=null is refused there."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = [*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "eval=null"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    run = subprocess.run(
+        [
+            *torchrun,
+            "--master_port=29517",
+            str(ROOT / "train.py"),
+            *args,
+            "logger=csv",
+            "seed=3",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert sorted(p.name for p in (tmp_path / "run" / ".hydra").iterdir()) == [
+        "config.yaml",
+        "hydra.yaml",
+        "overrides.yaml",
+    ]
+    assert len(list((tmp_path / "run" / "checkpoints").glob("*.ckpt"))) == 2
+    refused = subprocess.run(
+        [
+            *torchrun,
+            "--master_port=29518",
+            str(ROOT / "train.py"),
+            *args,
+            "seed=null",
+            f"hydra.run.dir={tmp_path / 'unseeded'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode != 0
+    assert "error: seed=null draws a seed in each process" in refused.stderr
+    assert not (tmp_path / "unseeded").exists()
 
 
 @pytest.mark.parametrize(
