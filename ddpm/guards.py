@@ -75,6 +75,12 @@ class TrainerGuard(L.Callback):
         for signum in SIGNALS:
             self._handlers[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
+        # With these handlers in place Lightning's own SIGTERM flag is never set, yet under
+        # DDP its loop broadcasts that flag and reads it back (a host sync) at every step;
+        # the ranks agree on signals here instead, every check_every_n_steps.
+        loop = trainer.fit_loop.epoch_loop
+        if trainer.world_size > 1 and hasattr(loop, "_broadcast_sigterm_tensor"):
+            loop._broadcast_sigterm_tensor = _skip_lightning_sigterm_broadcast
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.signal_received is not None:  # the second one: stop now
@@ -98,6 +104,7 @@ class TrainerGuard(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()
+        trainer.fit_loop.epoch_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
 
     def _should_stop_for_signal(self, trainer: L.Trainer) -> bool:
         if trainer.world_size == 1 or not dist.is_initialized():
@@ -232,6 +239,10 @@ class TrainerGuard(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._first_bad = None  # (re)created on the module's device at the first batch
+
+
+def _skip_lightning_sigterm_broadcast() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast while the guard handles signals."""
 
 
 def _last_checkpoint_path(trainer: L.Trainer) -> str:

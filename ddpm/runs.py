@@ -124,7 +124,8 @@ def prepare(
             callback.load_extractor(datamodule)  # a missing download fails here, at once
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     plugins: list[Any] = [AtomicCheckpointIO()]
-    mixed = precision_plugin(str(trainer_cfg.get("precision")), str(trainer_cfg["accelerator"]))
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    mixed = precision_plugin(str(trainer_cfg.get("precision")), accelerator)
     if mixed is not None:  # the plugin carries the precision; Lightning takes one of the two
         plugins.append(mixed)
         trainer_cfg.pop("precision")

@@ -3,6 +3,7 @@ override such as ``+callbacks.probe._target_=tests.faults.RankProbe``)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,18 @@ class RankProbe(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         params = [p.detach().flatten() for p in pl_module.parameters()]
         self.record["weights"] = torch.cat(params).clone()  # [n_params]
+        # who calls torch.distributed.broadcast during the run (a per-step one is a sync)
+        self.record["broadcast_callers"] = callers = []
+        original = torch.distributed.broadcast
+
+        def broadcast(*args: Any, **kwargs: Any) -> Any:
+            callers.append(sys._getframe(1).f_code.co_name)
+            return original(*args, **kwargs)
+
+        torch.distributed.broadcast = broadcast
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
