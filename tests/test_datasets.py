@@ -153,6 +153,7 @@ def test_experiment_presets_run_two_training_steps(tmp_path, experiment):
             "data.val_fraction=0.1",
             f"paths.data_dir={data_dir}",
             "schedule.num_timesteps=30",
+            "sampler.steps=2",  # 2-step grids: sampling the full-size nets is not tested here
             "eval.feature_extractor=digits",
             "logger=csv",
         ],

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from ddpm.build import UsageError
+from ddpm.runs import prepare
 from ddpm.validation import ConfigError, validate_config
-from tests.conftest import compose_train, run_entry
+from tests.conftest import TINY, compose_train, run_entry
 
 
 def test_every_shipped_config_passes():
@@ -73,6 +75,16 @@ def test_bad_values_are_named_with_what_is_allowed(override, expected):
 def test_incompatible_combinations_are_refused(overrides, expected):
     with pytest.raises(ConfigError, match=expected):
         validate_config(compose_train(overrides, output_dir="/tmp/x"))
+
+
+def test_seed_null_is_refused_when_torchrun_or_srun_started_the_processes(tmp_path, monkeypatch):
+    """Each of those processes would draw its own seed: other weights, overlapping shards."""
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets (srun: SLURM_NTASKS)
+    monkeypatch.delenv("DDPM_RUN_SEED", raising=False)
+    cfg = compose_train([*TINY, "seed=null"], tmp_path / "run")
+    with pytest.raises(UsageError, match="seed=null draws a seed in each process, and the 2"):
+        prepare(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
