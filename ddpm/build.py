@@ -79,6 +79,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         train_seed=cfg.get("seed") or 0,
         compile=bool(cfg.get("compile", False)),
         channels_last=bool(cfg.get("channels_last", False)),
+        compile_backend=str(cfg.get("compile_backend", "inductor")),
     )
 
 

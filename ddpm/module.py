@@ -44,6 +44,7 @@ class DiffusionModule(L.LightningModule):
         train_seed: int = 0,
         compile: bool = False,
         channels_last: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         check = getattr(objective, "check_schedule", None)
@@ -64,6 +65,7 @@ class DiffusionModule(L.LightningModule):
         self.train_seed = train_seed
         self._seeded_step = (-1, 0)  # (global step, micro-batch) last seeded
         self.compile = bool(compile)
+        self.compile_backend = compile_backend
         self.channels_last = bool(channels_last)
         if self.channels_last:
             # NHWC conv weights: convolutions then return channels-last activations, so
@@ -79,7 +81,8 @@ class DiffusionModule(L.LightningModule):
             return self.net
         compiled = self.__dict__.get("_compiled_net")
         if compiled is None:
-            compiled = torch.compile(self.net, dynamic=False)  # one graph per batch shape
+            # one graph per batch shape
+            compiled = torch.compile(self.net, dynamic=False, backend=self.compile_backend)
             self.__dict__["_compiled_net"] = compiled  # plain attribute, not a submodule
         return compiled
 

@@ -144,8 +144,12 @@ RULES: dict[str, tuple[Check, str]] = {
     "eval.reference_split": (lambda v: v in ("train", "val", "all"), "train, val or all"),
     "trainer_guard.nonfinite": (lambda v: v in ("stop", "skip"), "stop or skip"),
     "trainer_guard.check_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "compile": (lambda v: v in (True, False), "true or false"),
-    "channels_last": (lambda v: v in (True, False), "true or false"),
+    "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "channels_last": (lambda v: isinstance(v, bool), "true or false"),
+    "compile_backend": (
+        lambda v: v in torch._dynamo.list_backends(exclude_tags=()),
+        "a torch.compile backend: inductor, aot_eager, eager, cudagraphs, ...",
+    ),
     "optimized_metric": (
         lambda v: v is None or (isinstance(v, str) and v.startswith(("val/", "train/"))),
         "a logged metric such as val/loss or val/fid, or null",
@@ -193,7 +197,8 @@ def _check_combinations(cfg: DictConfig) -> None:
             f"precision={precision} needs a CUDA GPU (fp16 autocast with loss scaling); "
             "on the CPU use precision=bf16-mixed or precision=32-true"
         )
-    if cfg.get("compile") is True and on_cpu and not _cxx_compiler():
+    inductor = cfg.get("compile_backend", "inductor") == "inductor"
+    if cfg.get("compile") is True and inductor and on_cpu and not _cxx_compiler():
         raise ConfigError(
             "compile=true on the CPU needs a C++ compiler for TorchInductor and none was "
             "found (g++, clang++ or $CXX); install one or set compile=false"

@@ -190,14 +190,23 @@ def test_channels_last_trains_and_its_checkpoint_loads_either_way(tmp_path):
     assert ckpt["hyper_parameters"]["config"]["channels_last"] is True
 
 
-def test_compile_runs_a_step_and_its_checkpoint_loads_uncompiled(tmp_path):
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "aot_eager",  # dynamo capture + AOTAutograd, no code generation: seconds
+        # TorchInductor's C++ toolchain costs ~30 s before the first kernel on 2 cores
+        pytest.param("inductor", marks=pytest.mark.slow),
+    ],
+)
+def test_compile_runs_a_step_and_its_checkpoint_loads_uncompiled(tmp_path, backend):
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
     # one resolution level: half the kernels for TorchInductor to build on a 2-core runner
     losses, ckpt = _run(
-        tmp_path, "compiled", "compile=true", "trainer.max_steps=1", "model.channel_mults=[1]"
-    )
+        tmp_path, "compiled", "compile=true", f"compile_backend={backend}",
+        "trainer.max_steps=1", "model.channel_mults=[1]",
+    )  # fmt: skip
     assert len(losses) == 1 and math.isfinite(losses[0])
     assert counters["stats"]["unique_graphs"] >= 1  # the training forward was compiled
     assert not any("_orig_mod" in key for key in ckpt["state_dict"])

@@ -54,6 +54,9 @@ def test_every_shipped_config_passes():
         ("trainer.precision=8-mixed", "trainer.precision='8-mixed' is not allowed"),
         ("trainer.accelerator=tpu2", "trainer.accelerator='tpu2' is not allowed"),
         ("optimized_metric=loss", "optimized_metric='loss' is not allowed"),
+        ("compile=yes", "compile='yes' is not allowed: it must be true or false"),
+        ("compile_backend=fast", "compile_backend='fast' is not allowed: it must be a torch"),
+        ("channels_last=1", "channels_last=1 is not allowed: it must be true or false"),
     ],
 )
 def test_bad_values_are_named_with_what_is_allowed(override, expected):
