@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, run_entry
+from ddpm.build import user_error
+from ddpm.runs import prepare
+from tests.conftest import ROOT, TINY, compose_train, run_entry
 
 
 @pytest.fixture(scope="module")
@@ -182,18 +184,6 @@ def test_torchrun_processes_share_one_run_dir(tmp_path):
     [
         ("train.py", ["model=huge"], "Could not find 'model/huge'"),
         ("train.py", ["data.image_size=7"], "error: data.image_size=7 must be divisible by 2"),
-        (
-            "train.py",
-            ["schedule.num_timesteps=0"],
-            "error: schedule.num_timesteps=0 is not allowed: it must be an integer >= 1",
-        ),
-        (
-            "train.py",
-            ["schedule.zero_terminal_snr=true"],
-            "error: schedule.zero_terminal_snr=true needs objective.prediction_type=v_prediction",
-        ),
-        ("train.py", ["sampler=ddim", "sampler.eta=2"], "error: sampler.eta=2 must lie in [0, 1]"),
-        ("train.py", ["objective.weighting=snr"], "error: objective.weighting='snr' is unknown"),
         ("sample.py", ["ckpt_path=nowhere.ckpt"], "error: checkpoint not found: nowhere.ckpt"),
         (
             "sample.py",
@@ -214,6 +204,31 @@ def test_bad_input_fails_fast_with_one_clear_line(script, args, expected, tmp_pa
     assert "Traceback" not in result.stderr
     # nothing was written: no run folder, no log, no .hydra record
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.ckpt"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["schedule.num_timesteps=0"],
+            "schedule.num_timesteps=0 is not allowed: it must be an integer >= 1",
+        ),
+        (
+            ["schedule.zero_terminal_snr=true"],
+            "schedule.zero_terminal_snr=true needs objective.prediction_type=v_prediction",
+        ),
+        (["sampler=ddim", "sampler.eta=2"], "sampler.eta=2 must lie in [0, 1]"),
+        (["objective.weighting=snr"], "objective.weighting='snr' is unknown"),
+    ],
+)
+def test_bad_values_raised_while_building_give_the_line_train_py_prints(args, expected, tmp_path):
+    """The same path as train.py (prepare, then the one-line message it prints), in-process:
+    the subprocess cases above show that such a line is all the user sees."""
+    with pytest.raises(Exception) as info:
+        prepare(compose_train([*args, "logger=none"], tmp_path / "run"))
+    message = user_error(info.value)
+    assert message is not None and message.startswith(expected), message
+    assert not (tmp_path / "run").exists()
 
 
 def test_ddp_on_cpu_writes_one_run_dir(tmp_path):
