@@ -64,7 +64,7 @@ class DiffusionModule(L.LightningModule):
         self.val_seed = val_seed
         self.train_seed = train_seed
         self._seeded_step = (-1, 0)  # (global step, micro-batch) last seeded
-        self.compile = bool(compile)
+        self.compile_net = bool(compile)  # not `compile`: that is nn.Module.compile()
         self.compile_backend = compile_backend
         self.channels_last = bool(channels_last)
         if self.channels_last:
@@ -77,7 +77,7 @@ class DiffusionModule(L.LightningModule):
         ``torch.compile`` wrapper, built on first use. The wrapper is kept out of the module
         tree (no ``_orig_mod.`` keys in checkpoints: they load without compile) and is made
         after the EMA callback copied the module, so the copy never calls the live net."""
-        if not self.compile:
+        if not self.compile_net:
             return self.net
         compiled = self.__dict__.get("_compiled_net")
         if compiled is None:

@@ -212,6 +212,7 @@ def test_compile_runs_a_step_and_its_checkpoint_loads_uncompiled(tmp_path, backe
     assert not any("_orig_mod" in key for key in ckpt["state_dict"])
     plain = build_module(compose_train([*TINY, "model.channel_mults=[1]"], tmp_path))
     plain.load_state_dict(ckpt["state_dict"])  # strict: same keys, no wrapper prefix
+    assert callable(plain.compile)  # the option does not shadow nn.Module.compile()
     images = load_module(tmp_path / "compiled" / "checkpoints" / "last.ckpt").sample(2, seed=0)
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
 
