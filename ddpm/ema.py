@@ -18,12 +18,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 class HostCountedAveragedModel(AveragedModel):
-    """``AveragedModel`` that mirrors ``n_averaged`` in a Python int: it starts at 0 and
-    is read back from the buffer only when a checkpoint is loaded, never per update. Same
-    averages, same state dict (``n_averaged`` is still counted on the device)."""
+    """``AveragedModel`` with a multi-tensor ``multi_avg_fn`` that mirrors ``n_averaged``
+    in a Python int: it starts at 0 and is read back from the buffer only when a
+    checkpoint is loaded, never per update. Same averages, same state dict
+    (``n_averaged`` is still counted on the device)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.multi_avg_fn is None:
+            raise ValueError("HostCountedAveragedModel needs a multi_avg_fn (e.g. EMA's)")
         self._host_count = 0  # AveragedModel starts n_averaged at 0
 
     def update_parameters(self, model: nn.Module) -> None:
@@ -34,14 +37,8 @@ class HostCountedAveragedModel(AveragedModel):
         ]
         if self._host_count == 0:
             torch._foreach_copy_(ours, theirs)
-        elif self.multi_avg_fn is not None:
+        else:
             self.multi_avg_fn(ours, theirs, self.n_averaged)
-        elif self.avg_fn is not None:
-            for a, t in zip(ours, theirs, strict=True):
-                a.copy_(self.avg_fn(a, t, self.n_averaged))
-        else:  # torch's default: the running mean (SWA)
-            for a, t in zip(ours, theirs, strict=True):
-                a.add_(t - a, alpha=1.0 / (self._host_count + 1))
         if not self.use_buffers:  # buffers follow the model, as in torch's implementation
             for b_avg, b_model in zip(self.module.buffers(), model.buffers(), strict=True):
                 b_avg.detach().copy_(b_model.detach().to(b_avg.device))

@@ -35,12 +35,11 @@ class ClippableMixedPrecision(MixedPrecision):
         if isinstance(optimizer, LBFGS):
             raise ValueError("precision=16-mixed cannot drive LBFGS; use precision=32-true")
         closure_result = closure()
-        skip = closure_result is None and model.automatic_optimization  # backward skipped
-        if not skip:
-            self.scaler.unscale_(optimizer)  # true gradients for clipping and logging
-        self._after_closure(model, optimizer)
-        if skip:
+        if closure_result is None and model.automatic_optimization:  # backward skipped
+            self._after_closure(model, optimizer)
             return closure_result
+        self.scaler.unscale_(optimizer)  # true gradients for clipping and logging
+        self._after_closure(model, optimizer)
         out = self.scaler.step(optimizer, **kwargs)  # skips the update on inf/nan
         self.scaler.update()
         return out
@@ -54,12 +53,18 @@ class ClippableMixedPrecision(MixedPrecision):
         Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
 
 
+def run_device(accelerator: str) -> str:
+    """The device type Lightning runs ``trainer.accelerator`` on: ``cpu`` or ``cuda``."""
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    return "cuda"
+
+
 def precision_plugin(precision: str, accelerator: str) -> ClippableMixedPrecision | None:
     """The plugin for ``trainer.precision`` (None: Lightning's own handling, for full
     precision). ``accelerator`` decides the autocast device, as Lightning would."""
     if precision not in ("16-mixed", "bf16-mixed"):
         return None
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    device = "cpu" if on_cpu else "cuda"
+    device = run_device(accelerator)
     scaler = torch.amp.GradScaler(device) if precision == "16-mixed" else None
     return ClippableMixedPrecision(precision, device, scaler)

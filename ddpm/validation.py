@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ddpm.precision import run_device
+
 PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "16", "bf16-mixed", "bf16")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 METRICS = ("val/loss", "val/fid", "val/kid")
@@ -190,7 +192,7 @@ def _check_combinations(cfg: DictConfig) -> None:
             f"trainer.accelerator={accelerator} but no CUDA GPU is visible; "
             "use trainer=cpu (or trainer.accelerator=auto)"
         )
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not cuda)
+    on_cpu = run_device(accelerator) == "cpu"
     precision = str(trainer.get("precision", "32-true"))
     if on_cpu and precision in ("16-mixed", "16"):
         raise ConfigError(

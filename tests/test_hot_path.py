@@ -221,6 +221,8 @@ def test_host_counted_ema_matches_torch_averaged_model_and_resumes():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
     ema_fn = get_ema_multi_avg_fn(0.9)
+    with pytest.raises(ValueError, match="needs a multi_avg_fn"):
+        HostCountedAveragedModel(net)
     ours = HostCountedAveragedModel(net, multi_avg_fn=ema_fn)
     reference = AveragedModel(net, multi_avg_fn=ema_fn)
     for _ in range(3):
