@@ -5,7 +5,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ddpm import cli
+from ddpm.runs import cli
 
 
 @hydra.main(

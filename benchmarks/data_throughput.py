@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddpm.data import ImageDataModule
+from ddpm.data.datamodule import ImageDataModule
+from ddpm.diffusion.objectives import DiffusionLoss
+from ddpm.diffusion.schedules import NoiseSchedule
 from ddpm.nets.unet import UNet
-from ddpm.objectives import DiffusionLoss
-from ddpm.schedules import NoiseSchedule
 from tests.fabricate import write_cifar10, write_folder
 
 

@@ -14,9 +14,10 @@ import json
 import numpy as np
 import torch
 
-from ddpm.data import ImageDataModule
-from ddpm.features import load_digits_feature_net
-from ddpm.metrics import ReferenceStats, extract_features, fid_kid
+from ddpm.data.datamodule import ImageDataModule
+from ddpm.evaluation.features import extract_features, load_digits_feature_net
+from ddpm.evaluation.metrics import fid_kid
+from ddpm.evaluation.reference import ReferenceStats
 
 
 def main() -> None:

@@ -19,10 +19,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ddpm.cli import load_module
-from ddpm.features import load_digits_feature_net
-from ddpm.images import class_grid, save_png, to_uint8
-from ddpm.metrics import ReferenceStats, extract_features, fid_kid
+from ddpm.evaluation.features import extract_features, load_digits_feature_net
+from ddpm.evaluation.metrics import fid_kid
+from ddpm.evaluation.reference import ReferenceStats
+from ddpm.runs.build import load_module
+from ddpm.utils.images import class_grid, save_png, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,10 +24,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ddpm.cli import load_module
-from ddpm.features import build_feature_extractor
-from ddpm.images import line_chart, make_grid, save_png, to_uint8
-from ddpm.metrics import data_reference, extract_features, fid_kid
+from ddpm.evaluation.features import build_feature_extractor, extract_features
+from ddpm.evaluation.metrics import fid_kid
+from ddpm.evaluation.reference import data_reference
+from ddpm.runs.build import load_module
+from ddpm.utils.images import line_chart, make_grid, save_png, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SPECS = [

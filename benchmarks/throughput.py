@@ -6,8 +6,8 @@
 For each model config (at its natural image size: tiny on 8x8x1 digits, small on 28x28x1
 MNIST, ddpm_cifar10 on 32x32x3) it builds our UNet from ``conf/model/<name>.yaml`` and
 diffusers' ``UNet2DModel`` with the same widths, depths and attention resolutions, and runs
-both through the same loop in this process: the DDPM loss of ``ddpm.objectives``, backward,
-gradient clipping, fused AdamW. It prints, per row, training images/s, sampling images/s
+both through the same loop in this process: the DDPM loss of ``ddpm.diffusion.objectives``,
+backward, gradient clipping, fused AdamW. It prints, per row, training images/s, sampling images/s
 (20-step DDIM), peak memory, model-FLOPs utilisation (FLOPs of one training step counted by
 ``FlopCounterMode``; peak FLOP/s measured with a large matmul in the same run) and the ratio
 ours / diffusers. diffusers comes from the optional extra: ``pip install -e ".[bench]"``.
@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-import ddpm.cli  # noqa: F401 - registers the ${ddpm.*} resolvers
-from ddpm.objectives import DiffusionLoss
-from ddpm.samplers import DDIMSampler
-from ddpm.schedules import NoiseSchedule
+import ddpm.runs.cli  # noqa: F401 - registers the ${ddpm.*} resolvers
+from ddpm.diffusion.objectives import DiffusionLoss
+from ddpm.diffusion.samplers import DDIMSampler
+from ddpm.diffusion.schedules import NoiseSchedule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # model config -> the data it is meant for (natural image size and channels)

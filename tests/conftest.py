@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-import ddpm.cli  # noqa: F401 - registers the ${ddpm.*} resolvers the configs use
+import ddpm.runs.cli  # noqa: F401 - registers the ${ddpm.*} resolvers the configs use
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from ddpm.batches import StepBatchSampler
-from ddpm.rng import step_seed
+from ddpm.data.batches import StepBatchSampler
+from ddpm.diffusion.rng import step_seed
 
 
 def _take(sampler: StepBatchSampler, n: int) -> list[list[int]]:

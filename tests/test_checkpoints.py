@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm.build import UsageError, load_module
-from ddpm.checkpoints import (
+from ddpm.runs.build import load_module
+from ddpm.runs.checkpoints import (
     CheckpointError,
-    atomic_torch_save,
     config_differences,
     newest_checkpoint,
     read_checkpoint,
-    sweep_partial_files,
 )
-from ddpm.runs import prepare
+from ddpm.runs.errors import UsageError
+from ddpm.runs.prepare import prepare
+from ddpm.utils.files import atomic_torch_save, sweep_partial_files
 from tests.conftest import ROOT, compose_train, run_entry
 
 
@@ -44,7 +44,7 @@ def test_killed_writer_leaves_the_old_file_and_a_partial_to_sweep(tmp_path):
     atomic_torch_save({"step": 1}, path)
     code = (
         "import torch, sys; from pathlib import Path;"
-        "from ddpm.checkpoints import atomic_torch_save;"
+        "from ddpm.utils.files import atomic_torch_save;"
         "atomic_torch_save({'w': torch.randn(100_000_000)}, Path(sys.argv[1]))"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT)

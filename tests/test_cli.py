@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.build import user_error
-from ddpm.runs import prepare
+from ddpm.runs.errors import user_error
+from ddpm.runs.prepare import prepare
 from tests.conftest import ROOT, TINY, compose_train, run_entry
 
 

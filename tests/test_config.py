@@ -7,10 +7,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ddpm.callbacks import SampleGrid
-from ddpm.cli import build_callbacks, build_module
-from ddpm.loggers import build_loggers
-from ddpm.module import DiffusionModule
+from ddpm.runs.build import build_callbacks, build_module
+from ddpm.runs.loggers import build_loggers
+from ddpm.training.module import DiffusionModule
+from ddpm.training.sample_grid import SampleGrid
 from tests.conftest import CONF, TINY, compose_train
 
 

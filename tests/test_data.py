@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ddpm.data import ImageDataModule
+from ddpm.data.datamodule import ImageDataModule
 
 
 def test_digits_are_scaled_split_and_deterministic():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.cli import train
-from ddpm.data import ImageDataModule
+from ddpm.data.datamodule import ImageDataModule
+from ddpm.runs.cli import train
 from tests.conftest import TINY, compose_train
 from tests.fabricate import write_cifar10, write_folder, write_mnist
 

@@ -7,8 +7,8 @@ import csv
 import pytest
 import torch
 
-from ddpm.guards import TrainerGuard
-from ddpm.validation import ConfigError, validate_config
+from ddpm.runs.validation import ConfigError, validate_config
+from ddpm.training.guards import TrainerGuard
 from tests.conftest import compose_train, run_entry
 from tests.test_resume import FAST
 

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from ddpm.diffusion.guidance import guided_output
+from ddpm.diffusion.objectives import DiffusionLoss
+from ddpm.diffusion.samplers import DDIMSampler, DPMSolverSampler
+from ddpm.diffusion.schedules import NoiseSchedule
 from ddpm.nets.unet import UNet
-from ddpm.objectives import DiffusionLoss
-from ddpm.samplers import DDIMSampler, DPMSolverSampler, guided_output
-from ddpm.schedules import NoiseSchedule
 
 
 def small_net(num_classes: int = 0) -> UNet:

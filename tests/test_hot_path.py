@@ -17,11 +17,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-import ddpm.runs as runs
-from ddpm.build import build_module, load_module
-from ddpm.cli import train
-from ddpm.ema import HostCountedAveragedModel
-from ddpm.precision import ClippableMixedPrecision, precision_plugin
+import ddpm.runs.prepare as runs
+from ddpm.runs.build import build_module, load_module
+from ddpm.runs.cli import train
+from ddpm.training.ema import HostCountedAveragedModel
+from ddpm.training.precision import ClippableMixedPrecision, precision_plugin
 from tests.conftest import TINY, compose_train
 
 # Tensor methods that copy a value to the host: on a GPU each one waits for the stream.

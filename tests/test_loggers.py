@@ -1,6 +1,6 @@
 from lightning.pytorch.loggers import WandbLogger
 
-from ddpm.loggers import build_loggers, wandb_has_credentials
+from ddpm.runs.loggers import build_loggers, wandb_has_credentials
 from tests.conftest import compose_train
 
 

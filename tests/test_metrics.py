@@ -3,9 +3,10 @@ import urllib.error
 import pytest
 import torch
 
-from ddpm.data import ImageDataModule
-from ddpm.features import DigitsFeatureNet, InceptionFeatures, load_digits_feature_net
-from ddpm.metrics import ReferenceStats, evaluate_images, fid_kid, reference_stats
+from ddpm.data.datamodule import ImageDataModule
+from ddpm.evaluation.features import DigitsFeatureNet, InceptionFeatures, load_digits_feature_net
+from ddpm.evaluation.metrics import evaluate_images, fid_kid
+from ddpm.evaluation.reference import ReferenceStats, reference_stats
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_inception_offline_says_what_to_fetch_and_where(monkeypatch, tmp_path):
 
 
 def test_unknown_feature_extractor_is_refused():
-    from ddpm.features import build_feature_extractor
+    from ddpm.evaluation.features import build_feature_extractor
 
     with pytest.raises(ValueError, match=r"eval\.feature_extractor='clip' is unknown"):
         build_feature_extractor("clip")

@@ -6,9 +6,9 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from ddpm.cli import build_callbacks, build_module, load_module
-from ddpm.images import make_grid, to_uint8
-from ddpm.loggers import build_loggers
+from ddpm.runs.build import build_callbacks, build_module, load_module
+from ddpm.runs.loggers import build_loggers
+from ddpm.utils.images import make_grid, to_uint8
 from tests.conftest import TINY, compose_train
 
 

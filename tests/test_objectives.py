@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ddpm.objectives import DiffusionLoss, fixed_timesteps_and_noise
-from ddpm.schedules import NoiseSchedule
+from ddpm.diffusion.objectives import DiffusionLoss, fixed_timesteps_and_noise
+from ddpm.diffusion.schedules import NoiseSchedule
 
 
 def test_loss_is_per_sample_mse_against_the_noise():

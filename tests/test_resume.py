@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm.build import UsageError
-from ddpm.checkpoints import CheckpointError
-from ddpm.resume import apply_resume
-from ddpm.runs import prepare
+from ddpm.runs.checkpoints import CheckpointError
+from ddpm.runs.errors import UsageError
+from ddpm.runs.prepare import prepare
+from ddpm.runs.resume import apply_resume
 from tests.conftest import ROOT, compose_train, run_entry
 
 # Small, deterministic CPU runs: 1,761 training digits at batch 64 = 27 batches per epoch,

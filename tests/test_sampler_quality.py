@@ -13,9 +13,10 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ddpm.cli import load_module
-from ddpm.features import build_feature_extractor
-from ddpm.metrics import data_reference, extract_features, fid_kid
+from ddpm.evaluation.features import build_feature_extractor, extract_features
+from ddpm.evaluation.metrics import fid_kid
+from ddpm.evaluation.reference import data_reference
+from ddpm.runs.build import load_module
 from tests.conftest import CONF, run_entry
 
 pytestmark = pytest.mark.slow

@@ -4,9 +4,9 @@ predictions are known in closed form, so every sampler must return mean m and st
 import pytest
 import torch
 
-from ddpm.rng import sample_generators
-from ddpm.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
-from ddpm.schedules import NoiseSchedule
+from ddpm.diffusion.rng import sample_generators
+from ddpm.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
+from ddpm.diffusion.schedules import NoiseSchedule
 
 M, S = 0.3, 0.5
 
@@ -254,7 +254,7 @@ def test_bad_sampler_arguments_are_refused():
 
 
 def test_index_generators_are_distinct_and_reproducible():
-    from ddpm.rng import index_generator
+    from ddpm.diffusion.rng import index_generator
 
     seeds = {index_generator(0, i).initial_seed() for i in range(10_000)}
     assert len(seeds) == 10_000

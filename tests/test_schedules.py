@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from ddpm.schedules import (
+from ddpm.diffusion.schedules import (
     NoiseSchedule,
     cosine_beta_schedule,
     linear_beta_schedule,

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ddpm.schedules import NoiseSchedule
-from ddpm.timesteps import first_timestep, process_x0, spaced_timesteps
+from ddpm.diffusion.schedules import NoiseSchedule
+from ddpm.diffusion.timesteps import first_timestep, process_x0, spaced_timesteps
 
 
 def test_linspace_spacing():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ddpm.build import UsageError
-from ddpm.runs import prepare
-from ddpm.validation import ConfigError, validate_config
+from ddpm.runs.errors import UsageError
+from ddpm.runs.prepare import prepare
+from ddpm.runs.validation import ConfigError, validate_config
 from tests.conftest import TINY, compose_train, run_entry
 
 

@@ -2,36 +2,34 @@
 
 ``prepare(cfg)`` resolves the config (resume, seed), validates every value, checks the
 checkpoint to continue from and the output folder, then builds data, module, loggers,
-callbacks and Trainer. It writes nothing. ``PrepareFirst`` is a Hydra callback that runs it
-before Hydra creates the run folder, so a bad config leaves no trace on disk; ``train``
-then picks up the prepared run instead of building it twice.
+callbacks and Trainer. It writes nothing (``ddpm.runs.prepare_first`` runs it before Hydra
+creates the run folder).
 """
 
 from __future__ import annotations
 
 import os
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ddpm.build import UsageError, build_callbacks, build_module, fail, user_error
-from ddpm.callbacks import SampleQuality
-from ddpm.checkpoints import AtomicCheckpointIO, check_fits, read_checkpoint
-from ddpm.guards import TrainerGuard
-from ddpm.loggers import build_loggers
-from ddpm.module import DiffusionModule
-from ddpm.precision import precision_plugin
-from ddpm.resume import apply_resume
-from ddpm.validation import validate_config
+from ddpm.runs.build import build_callbacks, build_module
+from ddpm.runs.checkpoints import AtomicCheckpointIO, check_fits, read_checkpoint
+from ddpm.runs.errors import UsageError
+from ddpm.runs.loggers import build_loggers
+from ddpm.runs.resume import apply_resume
+from ddpm.runs.validation import validate_config
+from ddpm.training.guards import TrainerGuard
+from ddpm.training.module import DiffusionModule
+from ddpm.training.precision import precision_plugin
+from ddpm.training.sample_quality import SampleQuality
 
 _SEED_ENV = "DDPM_RUN_SEED"
 
@@ -134,18 +132,21 @@ def prepare(
         callbacks=callbacks,
         logger=loggers,
         plugins=plugins,
-        # The data module shards and orders the training batches itself (ddpm.batches: a
+        # The data module shards and orders the training batches itself (ddpm.data.batches: a
         # function of the step, so resumes are exact); Lightning must not replace them.
         use_distributed_sampler=False,
     )
     return Prepared(cfg, datamodule, module, trainer, loggers, ckpt_path, step, guard)
 
 
+def multirun() -> bool:
+    """Whether this process runs a job of a Hydra ``-m`` sweep."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def _multirun_group() -> str | None:
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    """The sweep's folder name, which groups its jobs' W&B runs (None outside a sweep)."""
+    return Path(HydraConfig.get().sweep.dir).name if multirun() else None
 
 
 def hydra_overrides() -> tuple[list[str], set[str]]:
@@ -154,54 +155,3 @@ def hydra_overrides() -> tuple[list[str], set[str]]:
         return [], set()
     hc = HydraConfig.get()
     return list(hc.overrides.task), set(hc.runtime.choices.keys())
-
-
-_PREPARED: dict[str, Any] = {}
-
-
-def take_prepared(cfg: DictConfig) -> Any:
-    """The run ``PrepareFirst`` built for this very config, if any (used once)."""
-    return _PREPARED.pop(_fingerprint(cfg), None)
-
-
-def _fingerprint(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=False)
-
-
-class PrepareFirst(HydraCallback):
-    """Hydra callback: prepare a single run before Hydra writes its folder.
-
-    Hydra creates the run folder and writes ``.hydra/`` and the log before it calls the
-    task; preparing here instead means a bad value stops the run with one line and an
-    empty disk. ``task`` is ``train`` or ``sample``. (In ``-m`` sweeps each job is
-    prepared inside its own task.)
-    """
-
-    def __init__(self, task: str = "train") -> None:
-        self.task = task
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        task = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
-        with open_dict(task):
-            del task["hydra"]
-        key = _fingerprint(task)
-        try:
-            if self.task == "sample":
-                from ddpm.cli import prepare_sample  # here: ddpm.cli imports this module
-
-                _PREPARED[key] = prepare_sample(task)
-                return
-            with open_dict(task):
-                run_folder = OmegaConf.select(config, "hydra.run.dir")
-                task.paths.output_dir = os.path.abspath(str(run_folder))
-            overrides = list(config.hydra.overrides.task)
-            groups = set(config.hydra.runtime.choices.keys())
-            _PREPARED[key] = prepare(task, overrides, groups)
-        except RunComplete as done:
-            print(done, file=sys.stderr)
-            raise SystemExit(0) from None
-        except Exception as exc:
-            message = user_error(exc)
-            if message is None:
-                raise
-            fail(message)

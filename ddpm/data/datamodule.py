@@ -1,7 +1,7 @@
 """ImageDataModule: images as uint8 on the host, scaled to [-1, 1] (the range the diffusion
 process assumes, Ho et al. 2020 Sec. 3.3) and flipped after the transfer to the device.
 
-Data sets come from ``ddpm.datasets``; the train/val split is a fixed permutation of the
+Data sets come from ``ddpm.data.datasets``; the train/val split is a fixed permutation of the
 training files, so it is the same on every run and every rank.
 """
 
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ddpm.batches import StepBatchSampler
-from ddpm.datasets import BUILDERS, decode_all, decode_image, keep_readable, verify_image
+from ddpm.data.batches import StepBatchSampler
+from ddpm.data.datasets import BUILDERS, decode_all, decode_image, keep_readable, verify_image
 
 
 class TensorImages(Dataset):
@@ -128,7 +128,7 @@ class ImageDataModule(L.LightningDataModule):
         # number of classes is taken from the data (``num_classes``).
         self.conditional = conditional
         self.num_classes = 0
-        # The training order is a function of (shuffle_seed, step): see ddpm.batches.
+        # The training order is a function of (shuffle_seed, step): see ddpm.data.batches.
         self.shuffle_seed = shuffle_seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None

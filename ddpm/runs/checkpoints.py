@@ -1,19 +1,17 @@
 """Checkpoints that cannot be lost or abused: atomic writes, safe reads, clear refusals.
 
-- ``AtomicCheckpointIO`` writes every checkpoint to a temporary file in the target's own
-  directory, fsyncs it and renames it over the target: a process killed mid-write leaves
-  the previous checkpoint whole (rename is atomic on POSIX file systems).
-- ``read_checkpoint`` loads with ``weights_only=True`` (a checkpoint cannot run code) and
-  turns a truncated, corrupt or foreign file into one line naming the problem.
+- ``AtomicCheckpointIO`` writes every checkpoint with ``ddpm.utils.files.atomic_torch_save``
+  (a temporary file in the target's own directory, fsynced and renamed over the target): a
+  process killed mid-write leaves the previous checkpoint whole.
+- ``read_checkpoint`` loads with ``weights_only=True`` (a checkpoint cannot run code),
+  turns a truncated, corrupt or foreign file into one line naming the problem, and points
+  the stored config of an older checkpoint at today's module paths (``ddpm.runs.legacy``).
 - ``config_differences`` says what differs between a checkpoint's stored config and the
   run's, for checkpoints that do not fit the model being built.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,8 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-TMP_PREFIX = ".tmp-"  # partial writes: ignored when looking for checkpoints, swept on resume
+from ddpm.runs.legacy import upgrade_targets
+from ddpm.utils.files import atomic_torch_save
 
 # The config keys that fix the network's parameter shapes and what its output means: a
 # checkpoint whose values differ here cannot continue (or be sampled as) this run.
@@ -41,49 +40,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not isinstance(get_filesystem(path), type(get_filesystem("."))):
             return super().save_checkpoint(checkpoint, path, storage_options)  # remote: fsspec
         atomic_torch_save(checkpoint, Path(path))
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """``torch.save`` to ``path`` so that ``path`` is always either the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is a normal file
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(path.parent)  # ... and the rename itself survives a power cut
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system allows opening a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def sweep_partial_files(directory: Path) -> list[Path]:
-    """Remove the temporary files of writes that were killed; returns what was removed."""
-    removed = []
-    for stale in Path(directory).glob(f"{TMP_PREFIX}*.part"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
-            removed.append(stale)
-    return removed
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
@@ -115,6 +71,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path} is not a ddpm training checkpoint (no stored config or weights)"
         )
+    ckpt["hyper_parameters"]["config"] = upgrade_targets(config)  # older module paths
     return ckpt
 
 

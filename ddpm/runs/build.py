@@ -6,21 +6,20 @@ constructors validate their arguments and raise ValueError naming the key.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.checkpoints import read_checkpoint, state_dict_mismatch
-from ddpm.guards import TrainerGuard
-from ddpm.module import DiffusionModule
+from ddpm.runs.checkpoints import read_checkpoint, state_dict_mismatch
+from ddpm.runs.errors import UsageError
+from ddpm.training.guards import TrainerGuard
+from ddpm.training.module import DiffusionModule
 
 
 def auto_precision() -> str:
@@ -32,34 +31,12 @@ OmegaConf.register_new_resolver("ddpm.auto_precision", auto_precision, replace=T
 OmegaConf.register_new_resolver("ddpm.cuda", torch.cuda.is_available, replace=True)
 # Lightning 2.6 on torch >= 2.10 warns about a torch-internal pytree API at every fit: noise.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-# The training batches' order is derived from the step (ddpm.batches), so mid-epoch
+# The training batches' order is derived from the step (ddpm.data.batches), so mid-epoch
 # resumes are exact although the loader keeps no state Lightning could save.
 warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
 # DiffusionModule.on_before_batch_transfer only reseeds; the data module's on_after_batch_
 # transfer (which it does not override) still runs.
 warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer`.*")
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit status 2."""
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``error: message`` to stderr and exit with status 2 (no traceback)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def user_error(exc: BaseException) -> str | None:
-    """The message of the ValueError/UsageError at the root of ``exc``, if there is one."""
-    while exc is not None:
-        if isinstance(exc, UsageError | ValueError | FileNotFoundError):
-            text = str(exc).strip()
-            return text.splitlines()[0] if text else type(exc).__name__
-        if not isinstance(exc, InstantiationException):
-            return None
-        exc = exc.__cause__
-    return None
 
 
 def build_module(cfg: DictConfig) -> DiffusionModule:

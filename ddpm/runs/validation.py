@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ddpm.precision import run_device
+from ddpm.training.precision import run_device
 
 PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "16", "bf16-mixed", "bf16")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")

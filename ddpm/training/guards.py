@@ -1,7 +1,7 @@
 """TrainerGuard: a run survives interruption and divergence.
 
 - SIGINT and SIGTERM: the step in progress finishes, a checkpoint is written (atomically,
-  see ``ddpm.checkpoints``) to ``checkpoints/last.ckpt`` and training stops; a second
+  see ``ddpm.runs.checkpoints``) to ``checkpoints/last.ckpt`` and training stops; a second
   signal stops at once. Under DDP the ranks agree on the stop step (an all-reduce every
   ``check_every_n_steps``), so every rank takes part in the same save. SLURM's requeue
   signal stays with Lightning (``hpc_ckpt_*.ckpt`` and ``scontrol requeue``).

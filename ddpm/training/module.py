@@ -14,10 +14,10 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
-from ddpm.objectives import DiffusionLoss, fixed_timesteps_and_noise
-from ddpm.rng import sample_generators, step_seed
-from ddpm.samplers import Sampler, StepHook
-from ddpm.schedules import NoiseSchedule
+from ddpm.diffusion.objectives import DiffusionLoss, fixed_timesteps_and_noise
+from ddpm.diffusion.rng import sample_generators, step_seed
+from ddpm.diffusion.samplers import Sampler, StepHook
+from ddpm.diffusion.schedules import NoiseSchedule
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -27,7 +27,8 @@ class DiffusionModule(L.LightningModule):
     """Trains ``net`` to denoise under ``schedule`` with ``objective``; draws with ``sampler``.
 
     ``config`` (the resolved run config, plain containers) is saved as the checkpoint's
-    hyper-parameters, so a checkpoint alone rebuilds the model (see ``ddpm.cli``).
+    hyper-parameters, so a checkpoint alone rebuilds the model
+    (``ddpm.runs.build.load_module``).
     """
 
     def __init__(
@@ -121,7 +122,7 @@ class DiffusionModule(L.LightningModule):
             x0 = x0.contiguous(memory_format=torch.channels_last)
         loss = self.objective(self.train_net(), self.schedule, x0, y=y).mean()
         # Kept on the device; not a progress-bar value, which Lightning would turn into a
-        # Python number (a host sync) at every step: ddpm.progress.ProgressBar shows it.
+        # Python number (a host sync) at every step: ddpm.training.progress.ProgressBar shows it.
         self.log("train/loss", loss, on_step=True, on_epoch=False)
         return loss
 

@@ -18,7 +18,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.checkpoints import (
+from ddpm.runs.checkpoints import (
     CheckpointError,
     config_differences,
     newest_checkpoint,

@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ddpm.rng import index_generator
-from ddpm.schedules import PREDICTION_TYPES, NoiseSchedule
+from ddpm.diffusion.rng import index_generator
+from ddpm.diffusion.schedules import PREDICTION_TYPES, NoiseSchedule
 
 Model = Callable[[Tensor, Tensor], Tensor]
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
+from torch import Tensor
 
 # torch's CPU generator (mt19937) keeps only the low 32 bits of its seed, so (seed, index)
 # is folded into 32 bits: index + seed * golden ratio (streams of two seeds are 2.6e9
@@ -13,6 +14,8 @@ import torch
 _GOLDEN = 0x9E3779B9
 _MASK = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def _fmix32(h: int) -> int:
@@ -54,3 +57,22 @@ def _splitmix64(z: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
+
+
+def randn(
+    shape: Sequence[int], generator: Generators, device: torch.device | str | None = None
+) -> Tensor:
+    """Standard normal noise of ``shape``, drawn from ``generator``.
+
+    A list of generators (one per sample along dim 0) makes every sample's noise
+    independent of the batch it is drawn in: the same seeds give the same images whatever
+    the batch size. Noise is drawn on the generator's device, then moved to ``device``.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        return torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    # one [*shape[1:]] draw per generator -> [B, *shape[1:]]
+    per_sample = [torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator]
+    return torch.stack(per_sample).to(device)

@@ -10,35 +10,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddpm.utils.files import atomic_torch_save, cache_dir
+
 DIGITS_VERSION = 2  # bump when the net or its training changes: old caches are ignored
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
     "weights-inception-2015-12-05-6726825d.pth"
 )
-
-
-def cache_dir() -> Path:
-    """Where ddpm caches feature nets and real-data statistics: ``$DDPM_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/ddpm``, else ``~/.cache/ddpm``."""
-    if os.environ.get("DDPM_CACHE_DIR"):
-        return Path(os.environ["DDPM_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "ddpm"
-
-
-def atomic_save(obj: object, path: Path) -> None:
-    """torch.save through a temporary file, so concurrent ranks never read half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class DigitsFeatureNet(nn.Module):
@@ -85,7 +69,7 @@ class DigitsFeatureNet(nn.Module):
 def train_digits_feature_net(epochs: int = 15, seed: int = 0) -> tuple[DigitsFeatureNet, float]:
     """Train the digits classifier on the train split of ``data=digits`` (val_fraction 0.1,
     split_seed 0: the held-out images stay unseen). Returns the net and held-out accuracy."""
-    from ddpm.data import ImageDataModule
+    from ddpm.data.datamodule import ImageDataModule
 
     data = ImageDataModule(name="digits", val_fraction=0.1, split_seed=0)
     data.setup("fit")
@@ -117,7 +101,7 @@ def load_digits_feature_net() -> DigitsFeatureNet:
     else:
         net, accuracy = train_digits_feature_net()
         print(f"trained the digits feature net (held-out accuracy {accuracy:.3f}), cached: {path}")
-        atomic_save(net.state_dict(), path)
+        atomic_torch_save(net.state_dict(), path)
     return net.eval().requires_grad_(False)
 
 
@@ -156,6 +140,15 @@ class InceptionFeatures(nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # grey -> RGB
         return self.net(x)
+
+
+def extract_features(
+    extractor: nn.Module, images: Tensor, batch_size: int = 500, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Features [N, D] (CPU, float32) of images [N, C, H, W] in [-1, 1], in batches."""
+    extractor = extractor.to(device)
+    out = [extractor(chunk.to(device)).float().cpu() for chunk in images.split(batch_size)]
+    return torch.cat(out) if out else torch.empty(0, getattr(extractor, "num_features", 0))
 
 
 def build_feature_extractor(name: str) -> nn.Module:

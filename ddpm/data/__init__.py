@@ -1,0 +1,1 @@
+"""LightningDataModule, data set builders, batch order; imports ddpm.utils only."""

@@ -1,0 +1,1 @@
+"""FID/KID feature extractors, metrics, reference statistics; imports ddpm.data, ddpm.utils."""

@@ -1,0 +1,1 @@
+"""Lightning parts (module, callbacks, EMA, precision, guards); imports every layer but runs."""
