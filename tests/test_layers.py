@@ -59,8 +59,9 @@ def imports_of(path: Path, root: Path, modules: set[str]) -> list[tuple[int, str
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: from the package, up level - 1 parents
-                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join([*anchor, *([base] if base else [])])
+                parts = package.split(".")
+                anchor = parts[: len(parts) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
             for alias in node.names:
                 full = f"{base}.{alias.name}"
                 found.append((node.lineno, full if full in modules else base))
@@ -84,7 +85,7 @@ def check_tree(root: Path, name: str = "ddpm") -> list[str]:
     for f in files:
         here = module_name(f, root)
         layer = layer_of(here)
-        where = f"{f.relative_to(root)}"
+        where = str(f.relative_to(root))
         for line, target in imports_of(f, root, modules):
             top = target.split(".")[0]
             if top != name:
@@ -103,52 +104,26 @@ def check_tree(root: Path, name: str = "ddpm") -> list[str]:
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """One closed path through each strongly connected group of modules (Tarjan 1972)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    found = []
+    """Every cycle a depth-first walk closes (each back edge: the path from a module back to
+    itself); a graph without any has none, one with a cycle has at least one back edge."""
+    found: list[list[str]] = []
+    done: set[str] = set()
+    path: list[str] = []
 
     def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
+        path.append(v)
         for w in sorted(graph[v]):
-            if w not in index:
+            if w in path:
+                found.append([*path[path.index(w) :], w])
+            elif w not in done:
                 visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            group = []
-            while True:
-                w = stack.pop()
-                group.append(w)
-                if w == v:
-                    break
-            if len(group) > 1 or v in graph[v]:
-                found.append(_path_through(graph, set(group), v))
+        path.pop()
+        done.add(v)
 
     for v in sorted(graph):
-        if v not in index:
+        if v not in done:
             visit(v)
     return found
-
-
-def _path_through(graph: dict[str, set[str]], group: set[str], start: str) -> list[str]:
-    """A cycle from ``start`` back to it inside ``group`` (breadth-first, so the shortest)."""
-    paths = {start: [start]}
-    frontier = [start]
-    while frontier:
-        nxt = []
-        for v in frontier:
-            for w in sorted(graph[v] & group):
-                if w == start:
-                    return [*paths[v], start]
-                if w not in paths:
-                    paths[w] = [*paths[v], w]
-                    nxt.append(w)
-        frontier = nxt
-    return [start, start]
 
 
 def test_imports_point_down_the_layers_without_cycles():
