@@ -43,6 +43,8 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 3  # the NaN weights of steps 5..8 were never written
     assert all(torch.isfinite(v).all() for v in ckpt["current_model_state"].values())
+    raw, ema = ckpt["current_model_state"], ckpt["state_dict"]
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the raw weights, not the EMA
 
 
 def test_skip_policy_skips_the_update_and_counts_it(tmp_path):
@@ -63,6 +65,8 @@ def test_skip_policy_skips_the_update_and_counts_it(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 8
     assert all(torch.isfinite(v).all() for v in ckpt["current_model_state"].values())
+    raw, ema = ckpt["current_model_state"], ckpt["state_dict"]
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the raw weights, not the EMA
     adam_steps = {s["step"].item() for s in ckpt["optimizer_states"][0]["state"].values()}
     assert adam_steps == {6.0}  # two of the eight updates were skipped on the device
     with open(run / "csv" / "metrics.csv") as f:

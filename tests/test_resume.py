@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ddpm.runs.checkpoints import CheckpointError
+from ddpm.runs.cli import train
 from ddpm.runs.errors import UsageError
 from ddpm.runs.prepare import prepare
 from ddpm.runs.resume import apply_resume
@@ -54,40 +55,102 @@ def _max_diff(a, b) -> float:
     return 0.0
 
 
-def test_interrupted_and_resumed_run_equals_the_straight_run(tmp_path):
-    """2N steps straight == N steps, then resume=RUN_DIR for N more (to 1e-6): weights,
-    EMA, optimizer, LR schedule, counters, batch order and noise; same W&B run. (The two
-    processes given seed=7 also make the same first N steps: seed reproducibility.)"""
-    common = [*FAST, "trainer.val_check_interval=15", "seed=7"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    for run_dir, steps in ((straight, 40), (split, 20)):
-        result = run_entry(
-            "train.py",
-            *common,
-            f"trainer.max_steps={steps}",
-            f"hydra.run.dir={run_dir}",
-            cwd=tmp_path,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-    # saved at the end although no validation fell on step 20
-    assert _load(split / "checkpoints" / "last.ckpt")["global_step"] == 20
+# The default callbacks, all on (EMA, sample grids, FID/KID, loss by timestep), shrunk
+# to a few images each so that a validation takes a fraction of a second.
+DEFAULT_CALLBACKS = [
+    "callbacks.sample_grid.num_samples=4",
+    "callbacks.sample_grid.trajectory_samples=2",
+    "eval.num_samples=8",
+    "eval.batch_size=8",
+    "eval.sampler.steps=3",
+    "eval.kid_subsets=5",
+]
+WITH_CALLBACKS = [
+    *(o for o in FAST if not o.startswith(("eval=", "callbacks."))),
+    *DEFAULT_CALLBACKS,
+]
 
-    result = run_entry("train.py", f"resume={split}", "trainer.max_steps=40", cwd=tmp_path)
+
+def _train(run_dir: Path, cwd: Path, *args: str) -> None:
+    result = run_entry("train.py", *args, f"hydra.run.dir={run_dir}", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = _load(straight / "checkpoints" / "last.ckpt"), _load(split / "checkpoints" / "last.ckpt")
-    assert a["global_step"] == b["global_step"] == 40 and a["epoch"] == b["epoch"]
+
+
+def _same_state(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
     for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
         assert _max_diff(a[key], b[key]) <= 1e-6, key
-    assert b["optimizer_states"][0]["state"][0]["step"].item() == 40
+
+
+def test_interrupted_and_resumed_run_equals_the_straight_run(tmp_path):
+    """2N steps straight == N steps, then N more through resume=RUN_DIR, and through
+    ckpt_path=CKPT into a new folder (to 1e-6): raw weights, EMA, optimizer, LR schedule,
+    counters, batch order and noise; same W&B run. Default callbacks on; the split (step
+    6) comes before the first validation (step 8), and the last step (12) has none, so
+    both checkpoints are written at the end of training, where the EMA is copied into
+    the module. (The processes given seed=7 also make the same first N steps.)"""
+    common = [*WITH_CALLBACKS, "trainer.val_check_interval=8", "seed=7"]
+    straight, split, moved = tmp_path / "straight", tmp_path / "split", tmp_path / "moved"
+    _train(straight, tmp_path, *common, "trainer.max_steps=12")
+    _train(split, tmp_path, *common, "trainer.max_steps=6")
+    first = _load(split / "checkpoints" / "last.ckpt")
+    assert first["global_step"] == 6  # saved at the end, before any validation
+    assert _max_diff(first["state_dict"], first["current_model_state"]) > 1e-4  # raw kept
+
+    ckpt = f"ckpt_path={split}/checkpoints/last.ckpt"
+    _train(moved, tmp_path, *common, ckpt, "trainer.max_steps=12", "logger=csv")
+    _train(split, tmp_path, f"resume={split}", "trainer.max_steps=12")
+    a = _load(straight / "checkpoints" / "last.ckpt")
+    for other in (split, moved):
+        b = _load(other / "checkpoints" / "last.ckpt")
+        _same_state(a, b)
+        assert b["optimizer_states"][0]["state"][0]["step"].item() == 12
+    assert _max_diff(a["state_dict"], a["current_model_state"]) > 1e-4
+    assert len(list((split / "samples").glob("grid_*.png"))) == 1  # the validation at 8
 
     # one W&B run, continued; the first invocation's record and config are kept
     runs = sorted(p.name for p in (split / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1]
-    assert b["logger_run_ids"]["wandb"] == runs[0].rsplit("-", 1)[1]
+    assert (
+        _load(split / "checkpoints" / "last.ckpt")["logger_run_ids"]["wandb"]
+        == (runs[0].rsplit("-", 1)[1])
+    )
     assert (split / ".hydra" / "overrides.yaml").is_file()
     assert len(list((split / ".hydra").glob("resumed_*/overrides.yaml"))) == 1
-    assert "max_steps: 20" in (split / "config.step=20.yaml").read_text()
-    assert "max_steps: 40" in (split / "config.yaml").read_text()
+    assert "max_steps: 6" in (split / "config.step=6.yaml").read_text()
+    assert "max_steps: 12" in (split / "config.yaml").read_text()
+
+
+def test_validation_does_not_change_training(tmp_path):
+    """The raw weights and optimizer state after 6 steps are the same with no validation,
+    and with validations (EMA swapped in, grids, FID, loss by timestep) at steps 3 and 6,
+    the last on the final step; without EMA the raw weights are the same again, and so
+    they are when last.ckpt is written at train end (no guard)."""
+    states = {}
+    variants = {
+        "none": ["+trainer.limit_val_batches=0"],
+        "two": ["trainer.val_check_interval=3"],
+        "no_ema": ["+trainer.limit_val_batches=0", "callbacks.ema=null"],
+        # without the guard, ModelCheckpoint writes last.ckpt at train end, after the EMA
+        # callback has copied the average into the module
+        "no_guard": ["+trainer.limit_val_batches=0", "trainer_guard=null"],
+    }
+    for name, extra in variants.items():
+        run = tmp_path / name
+        cfg = compose_train([*WITH_CALLBACKS, "trainer.max_steps=6", "logger=csv", *extra], run)
+        train(cfg)
+        states[name] = _load(run / "checkpoints" / "last.ckpt")
+    none, two, no_ema = states["none"], states["two"], states["no_ema"]
+    assert len(list((tmp_path / "two" / "samples").glob("grid_*.png"))) == 2
+    assert not (tmp_path / "none" / "samples").exists()
+    assert _max_diff(none["current_model_state"], two["current_model_state"]) <= 1e-6
+    assert _max_diff(none["state_dict"], two["state_dict"]) <= 1e-6  # the EMA too
+    assert _max_diff(none["optimizer_states"], two["optimizer_states"]) <= 1e-6
+    assert _max_diff(none["current_model_state"], no_ema["state_dict"]) <= 1e-6
+    no_guard = states["no_guard"]
+    assert _max_diff(none["current_model_state"], no_guard["current_model_state"]) <= 1e-6
+    assert _max_diff(none["state_dict"], no_guard["state_dict"]) <= 1e-6
+    assert _max_diff(none["state_dict"], none["current_model_state"]) > 1e-4
 
 
 def _resume_cfg(run: Path, *overrides: str):
@@ -209,6 +272,10 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(signum, tmp_path):
     run = tmp_path / "run"
     stderr, step = _interrupt(run, signum, [], tmp_path)
     assert f"stopped by {signal.Signals(signum).name} after step {step};" in stderr
+    ckpt = _load(run / "checkpoints" / "last.ckpt")  # the raw weights, not the EMA twice
+    assert _max_diff(ckpt["state_dict"], ckpt["current_model_state"]) > 1e-4
+    epochs = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert epochs["started"] == epochs["completed"] + 1  # saved mid-epoch, not closed
     assert f"Continue with: python train.py resume={run}" in stderr and step >= 5
     if signum == signal.SIGTERM:  # resuming after SIGINT is the same
         _resume_to(run, step + 3, tmp_path)

@@ -30,26 +30,29 @@ class HostCountedAveragedModel(AveragedModel):
         self._host_count = 0  # AveragedModel starts n_averaged at 0
 
     def update_parameters(self, model: nn.Module) -> None:
-        ours = self._averaged_tensors(self.module)
-        theirs = [
-            t.detach().to(a.device)
-            for a, t in zip(ours, self._averaged_tensors(model), strict=True)
-        ]
+        ours, ours_copied = self._split(self.module)
+        theirs, theirs_copied = self._split(model)
+        theirs = [t.to(a.device) for a, t in zip(ours, theirs, strict=True)]
         if self._host_count == 0:
             torch._foreach_copy_(ours, theirs)
         else:
             self.multi_avg_fn(ours, theirs, self.n_averaged)
-        if not self.use_buffers:  # buffers follow the model, as in torch's implementation
-            for b_avg, b_model in zip(self.module.buffers(), model.buffers(), strict=True):
-                b_avg.detach().copy_(b_model.detach().to(b_avg.device))
+        for avg, model_tensor in zip(ours_copied, theirs_copied, strict=True):
+            avg.copy_(model_tensor.to(avg.device))
         self.n_averaged += 1  # on the device, no read
         self._host_count += 1
 
-    def _averaged_tensors(self, module: nn.Module) -> list[Tensor]:
-        tensors = list(module.parameters())
-        if self.use_buffers:
-            tensors += list(module.buffers())
-        return [t.detach() for t in tensors]
+    def _split(self, module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        """(averaged, copied) tensors of ``module``. Parameters are averaged; buffers too
+        when ``use_buffers``, except those an average means nothing for, e.g. BatchNorm's
+        integer ``num_batches_tracked`` (no lerp of integers): those are copied from the
+        model, as every buffer is without ``use_buffers`` (torch's AveragedModel)."""
+        averaged = [p.detach() for p in module.parameters()]
+        copied = []
+        for buffer in module.buffers():
+            floating = buffer.is_floating_point() or buffer.is_complex()
+            (averaged if self.use_buffers and floating else copied).append(buffer.detach())
+        return averaged, copied
 
     def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
         result = super().load_state_dict(state_dict, *args, **kwargs)
@@ -61,12 +64,22 @@ class EMA(EMAWeightAveraging):
     """Lightning's ``EMAWeightAveraging`` (same arguments, same checkpoint contents) with
     the host-counted average model, so no device read in the training hot path, and the
     update ema <- ema + (1 - decay) (w - ema) as one multi-tensor lerp instead of three
-    kernels per parameter tensor."""
+    kernels per parameter tensor.
+
+    Every checkpoint stores the raw (trained) weights as ``current_model_state``, wherever
+    they are when it is written. Lightning's class takes them from the module, which holds
+    the average while it is swapped in for validation and after ``on_train_end`` has copied
+    it in; a ``last.ckpt`` that ModelCheckpoint writes at train end then stored the average
+    twice, and a resumed run continued from it. Here the raw weights are kept aside at
+    train end, and a save reads them from wherever they are.
+    """
 
     def __init__(self, decay: float = 0.999, **kwargs: Any) -> None:
         super().__init__(decay=decay, **kwargs)
         self._kwargs.pop("avg_fn", None)
         self._kwargs["multi_avg_fn"] = get_ema_multi_avg_fn(decay)
+        self._swapped = False  # the module holds the average, the average model the raw
+        self._raw_at_end: dict[str, Tensor] | None = None  # raw weights after on_train_end
 
     @property
     def state_key(self) -> str:
@@ -78,3 +91,38 @@ class EMA(EMAWeightAveraging):
             self._average_model = HostCountedAveragedModel(
                 model=pl_module, device=device, use_buffers=self._use_buffers, **self._kwargs
             )
+            self._swapped = False
+            self._raw_at_end = None
+
+    def _swap_models(self, pl_module: L.LightningModule) -> None:
+        super()._swap_models(pl_module)
+        self._swapped = not self._swapped
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._average_model is None:
+            return
+        raw = self._raw_state(pl_module, pl_module.state_dict())
+        self._raw_at_end = {name: value.detach().clone() for name, value in raw.items()}
+        super().on_train_end(trainer, pl_module)  # the module takes the average, as in Lightning
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        raw = None
+        if self._average_model is not None:
+            raw = self._raw_state(pl_module, checkpoint["state_dict"])
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if raw is not None:
+            checkpoint["current_model_state"] = raw
+
+    def _raw_state(
+        self, pl_module: L.LightningModule, module_state: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The raw weights, keyed as the module's state dict: kept aside after train end,
+        in the average model while swapped (validation), else the module's own."""
+        if self._raw_at_end is not None:
+            return self._raw_at_end
+        if self._swapped:
+            assert self._average_model is not None
+            return self._average_model.module.state_dict()
+        return module_state

@@ -255,12 +255,17 @@ def _last_checkpoint_path(trainer: L.Trainer) -> str:
 
 def _save_last(trainer: L.Trainer) -> Path:
     """Write ``last.ckpt`` now. ModelCheckpoint is told it is its own last checkpoint, so
-    a validation in the same step overwrites it instead of writing ``last-v1.ckpt``."""
+    a validation in the same step overwrites it instead of writing ``last-v1.ckpt``, and
+    that it has saved one: otherwise its ``on_train_end`` writes ``last.ckpt`` again, after
+    Lightning has closed the epoch (a resumed run would start the next one) and the EMA
+    callback has copied the average into the module."""
     path = _checkpoint_dir(trainer) / "last.ckpt"
     trainer.save_checkpoint(path, weights_only=False)
     for callback in trainer.callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.save_last:
             callback.last_model_path = str(path)
+            if callback.save_last is True and not callback._last_checkpoint_saved:
+                callback._last_checkpoint_saved = str(path)  # what on_train_end tests
     return path
 
 
