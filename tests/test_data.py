@@ -22,6 +22,25 @@ def test_digits_are_scaled_split_and_deterministic():
     assert dm.split_images("all").shape[0] == 1797
 
 
+def test_val_fraction_zero_trains_on_every_image_and_validates_on_a_fixed_subset():
+    dm = ImageDataModule(name="digits", val_fraction=0, val_size=300, split_seed=0)
+    dm.setup("fit")
+    everything = ImageDataModule(name="digits", val_fraction=0.5)
+    everything.setup("fit")
+    all_images = torch.cat([everything.train_set.images, everything.val_set.images])
+    assert dm.train_set.images.shape[0] == all_images.shape[0] == 1797
+    assert dm.val_set.images.shape[0] == 300
+    train_rows = {tuple(x.flatten().tolist()) for x in dm.train_set.images}
+    assert all(tuple(x.flatten().tolist()) in train_rows for x in dm.val_set.images)
+    again = ImageDataModule(name="digits", val_fraction=0, val_size=300, split_seed=0)
+    again.setup("fit")
+    assert torch.equal(again.val_set.images, dm.val_set.images)  # fixed
+    assert dm.split_images("all").shape[0] == 1797  # no image counted twice
+    default = ImageDataModule(name="digits", val_fraction=0)
+    default.setup("fit")
+    assert default.val_set.images.shape[0] == 1000
+
+
 def test_validation_batches_carry_dataset_indices():
     dm = ImageDataModule(name="digits", batch_size=50, val_fraction=0.1)
     dm.setup("fit")
@@ -54,7 +73,9 @@ def test_device_resident_batches_equal_loader_batches():
     [
         ({"name": "imagenet"}, "data.name='imagenet' is unknown"),
         ({"batch_size": 0}, "data.batch_size=0"),
-        ({"val_fraction": 1.0}, "data.val_fraction=1.0"),
+        ({"val_fraction": 1.0}, "data.val_fraction=1.0 must lie in [0, 1)"),
+        ({"val_size": 100}, "data.val_size=100 is for data.val_fraction=0"),
+        ({"val_fraction": 0, "val_size": 0}, "must be a positive integer"),
         ({"image_size": 0}, "data.image_size=0"),
         ({"channels": 2}, "data.channels=2 must be 1 (grey) or 3 (RGB)"),
         ({"in_memory": False, "device_resident": True}, "needs data.in_memory=true"),

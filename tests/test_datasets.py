@@ -1,14 +1,18 @@
 """Every data set through the real loading code, on files fabricated in the real formats."""
 
 import csv
+import json
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from ddpm.data.datamodule import ImageDataModule
 from ddpm.runs.cli import train
-from tests.conftest import TINY, compose_train
+from tests.conftest import ROOT, TINY, compose_train, run_entry
 from tests.fabricate import write_cifar10, write_folder, write_mnist
 
 
@@ -53,6 +57,20 @@ def test_cifar10_pickled_batches_load(tmp_path):
     assert sorted(all_images.reshape(50, -1).sum(1).tolist()) == sorted(
         images.reshape(50, -1).sum(1).astype(int).tolist()
     )
+
+
+def test_cifar10_preset_trains_on_every_training_image(tmp_path):
+    """Ho et al. train on all 50,000 training images and measure FID against them: the
+    preset holds nothing out and validates on a fixed 1,000 of them (here all 50)."""
+    images = write_cifar10(tmp_path)
+    cfg = compose_train(["experiment=cifar10_ddpm", f"paths.data_dir={tmp_path}"])
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    assert (cfg.data.val_fraction, cfg.data.val_size) == (0, 1000)
+    assert dm.train_set.images.shape[0] == images.shape[0] == 50
+    assert dm.split_images("train").shape[0] == dm.split_images("all").shape[0] == 50
+    assert dm.val_set.images.shape[0] == 50  # min(val_size, N)
+    assert cfg.eval.reference_split == "train"
 
 
 def test_folder_with_class_subfolders_resizes_and_crops(tmp_path):
@@ -142,7 +160,7 @@ def test_experiment_presets_run_two_training_steps(tmp_path, experiment):
         write_cifar10(data_dir)
     else:
         write_mnist(data_dir, "MNIST" if experiment == "mnist" else "FashionMNIST")
-    overrides = [o for o in TINY if not o.startswith(("model.", "data.batch_size", "schedule."))]
+    overrides = [o for o in TINY if not o.startswith(("model.", "data.", "schedule."))]
     cfg = compose_train(
         [
             f"experiment={experiment}",
@@ -150,7 +168,6 @@ def test_experiment_presets_run_two_training_steps(tmp_path, experiment):
             "trainer.max_steps=2",
             "trainer.val_check_interval=2",
             "data.batch_size=4",
-            "data.val_fraction=0.1",
             f"paths.data_dir={data_dir}",
             "schedule.num_timesteps=30",
             "sampler.steps=2",  # 2-step grids: sampling the full-size nets is not tested here
@@ -164,3 +181,28 @@ def test_experiment_presets_run_two_training_steps(tmp_path, experiment):
     rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 2 and all(np.isfinite(losses))
+    if experiment == "cifar10_ddpm":
+        _run_the_documented_fid50k_command(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path)
+
+
+def _run_the_documented_fid50k_command(ckpt: Path, tmp_path: Path) -> None:
+    """docs/evaluation.md's FID-50k command, as written there, on the preset's checkpoint:
+    only the sample count and the extractor (Inception needs a download) are shrunk."""
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    section = text.split("## Ho et al.'s protocol")[1]
+    command = section.split("```bash")[1].split("```")[0].replace("\\\n", " ")
+    line = next(row for row in command.splitlines() if "sample.py" in row)
+    args = shlex.split(line.split("sample.py", 1)[1])
+    assert {"num_samples=50000", "sampler=ddpm", "sampler.steps=null"} <= set(args)
+    assert {"sampler.variance=fixed_large", "feature_extractor=inception"} <= set(args)
+    assert {"evaluate=true", "reference_split=train"} <= set(args)
+    shrunk = {"num_samples": "4", "batch_size": "4", "feature_extractor": "digits"}
+    shrunk |= {"ckpt_path": str(ckpt), "out_dir": str(tmp_path / "fid50k")}
+    args = [f"{k}={shrunk.get(k, v)}" for k, v in (a.split("=", 1) for a in args)]
+    result = run_entry("sample.py", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "fid50k" / "metrics.json").read_text())
+    sampler = metrics["sampler"]
+    assert sampler["name"] == "DDPMSampler" and sampler["variance"] == "fixed_large"
+    assert sampler["steps"] is None  # every one of the T timesteps
+    assert metrics["reference"] == {**metrics["reference"], "split": "train", "num_images": 50}

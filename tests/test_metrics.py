@@ -1,12 +1,15 @@
+import re
 import urllib.error
 
 import pytest
 import torch
 
 from ddpm.data.datamodule import ImageDataModule
+from ddpm.evaluation import features
 from ddpm.evaluation.features import DigitsFeatureNet, InceptionFeatures, load_digits_feature_net
 from ddpm.evaluation.metrics import evaluate_images, fid_kid
-from ddpm.evaluation.reference import ReferenceStats, reference_stats
+from ddpm.evaluation.reference import ReferenceStats, data_reference, reference_stats
+from tests.fabricate import write_folder
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +73,74 @@ def test_evaluate_images_reports_what_it_measured_against(digits):
     report = evaluate_images(digits.split_images("val"), digits, split="train")
     assert report["feature_extractor"] == "digits" and report["num_samples"] == 180
     assert report["reference"]["num_images"] == 1617
-    assert report["reference"]["key"] == "digits-train-digits-8px-val0.1-seed0-v2"
-    assert 0 < report["fid"] < 100
+    assert re.fullmatch(r"digits-train-digits-v2-[0-9a-f]{16}-v3", report["reference"]["key"])
+    # 180 held-out digits against the training digits: the real-data floor at N=180
+    # (benchmarks/fid_floor.py, docs/evaluation.md: 49.64), dominated by FID's small-N bias
+    assert report["fid"] == pytest.approx(49.64, rel=0.02)
+    itself = evaluate_images(digits.split_images("train"), digits, split="train")
+    assert abs(itself["fid"]) < 1e-6
+
+
+def _covariance(f: torch.Tensor) -> torch.Tensor:
+    centred = f.double() - f.double().mean(0)
+    return centred.T @ centred / (f.shape[0] - 1)
+
+
+def test_fid_matches_closed_forms():
+    """FID = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) (Heusel et al. 2017,
+    Eq. 6). For b = c a + m, S_b = c^2 S_a and (S_a S_b)^(1/2) = c S_a, so
+    FID = |mu_a - mu_b|^2 + (1 - c)^2 tr(S_a) exactly; for independent Gaussian sets with
+    diagonal covariances, the square root is elementwise."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 16, generator=g).double() @ torch.randn(16, 16, generator=g).double()
+    c, m = 0.6, torch.linspace(-1, 1, 16, dtype=torch.float64)
+    b = c * a + m
+    expected = (a.mean(0) - b.mean(0)).square().sum() + (1 - c) ** 2 * _covariance(a).trace()
+    measured = fid_kid(ReferenceStats.from_features("a", a), b, kid_subsets=2)["fid"]
+    assert measured == pytest.approx(float(expected), rel=1e-4)
+
+    # two Gaussian sets, N(0, diag(s_a^2)) and N(mu, diag(s_b^2)), in their population form
+    s_a, s_b = torch.linspace(0.5, 2.0, 8), torch.linspace(2.0, 0.5, 8)
+    mu = torch.full((8,), 0.5)
+    x = torch.randn(200_000, 8, generator=g) * s_a
+    y = torch.randn(200_000, 8, generator=g) * s_b + mu
+    population = float(mu.square().sum() + (s_a - s_b).square().sum())  # = 2 + 2.7857
+    measured = fid_kid(ReferenceStats.from_features("x", x), y, kid_subsets=2)["fid"]
+    assert measured == pytest.approx(population, abs=0.05)
+
+
+def test_different_folders_at_one_size_get_their_own_statistics(tmp_path, net):
+    """Two image folders, same size and channels: each is scored against itself, not the
+    first one cached (the cache key has the root and a content fingerprint)."""
+    folders = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        write_folder(tmp_path / name, per_class=40, corrupt=False, seed=seed)
+        folders[name] = ImageDataModule(
+            name="folder", root=str(tmp_path / name), image_size=8, channels=1
+        )
+    images = folders["a"].split_images("train")
+    on_a = evaluate_images(images, folders["a"], split="train")
+    on_b = evaluate_images(images, folders["b"], split="train")
+    assert on_a["reference"]["key"] != on_b["reference"]["key"]
+    assert abs(on_a["fid"]) < 1e-6 and on_b["fid"] > 0.1
+    # grey and RGB decodings of the same folder are different data too
+    rgb = ImageDataModule(name="folder", root=str(tmp_path / "a"), image_size=8, channels=3)
+    assert rgb.split_fingerprint("train") != folders["a"].split_fingerprint("train")
+
+
+def test_a_new_feature_net_version_recomputes_the_statistics(monkeypatch, digits, net):
+    calls = []
+    real_split_images = digits.split_images
+    monkeypatch.setattr(digits, "split_images", lambda s: calls.append(s) or real_split_images(s))
+    key, first = data_reference(digits, "val", "digits", net)  # computed or cached
+    calls.clear()
+    assert data_reference(digits, "val", "digits", net)[0] == key
+    assert calls == []  # a cache hit reads no images
+    monkeypatch.setattr(features, "DIGITS_VERSION", 99)
+    new_key, again = data_reference(digits, "val", "digits", net)
+    assert "-digits-v99-" in new_key and new_key.replace("v99", "v2") == key
+    assert calls == ["val"]  # computed anew
+    assert torch.equal(again.feature_sum, first.feature_sum)  # (same net object here)
 
 
 def test_inception_offline_says_what_to_fetch_and_where(monkeypatch, tmp_path):
@@ -88,6 +157,7 @@ def test_inception_offline_says_what_to_fetch_and_where(monkeypatch, tmp_path):
     message = str(err.value)
     assert "weights-inception-2015-12-05-6726825d.pth" in message
     assert str(tmp_path / "checkpoints") in message
+    assert "eval=null" in message and "eval.feature_extractor=digits" in message
 
 
 def test_unknown_feature_extractor_is_refused():

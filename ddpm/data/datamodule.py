@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ddpm.data.batches import StepBatchSampler
 from ddpm.data.datasets import BUILDERS, decode_all, decode_image, keep_readable, verify_image
+from ddpm.data.fingerprint import combine, files_fingerprint, tensor_fingerprint
 
 
 class TensorImages(Dataset):
@@ -60,6 +61,9 @@ class FileImages(Dataset):
         return decode_image(self.files[i], self.image_size, self.channels), self.labels[i], i
 
 
+VAL_SIZE = 1000  # validation images with val_fraction=0, unless data.val_size says
+
+
 def to_unit_range(images: Tensor) -> Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return images.float() / 127.5 - 1.0
@@ -86,6 +90,7 @@ class ImageDataModule(L.LightningDataModule):
         channels: int = 1,
         batch_size: int = 64,
         val_fraction: float = 0.1,
+        val_size: int | None = None,
         split_seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -109,13 +114,23 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"data.channels={channels} must be 1 (grey) or 3 (RGB)")
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be a positive integer")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(
+                f"data.val_fraction={val_fraction} must lie in [0, 1) (0: train on every "
+                "image and validate on data.val_size of them)"
+            )
+        if val_size is not None and (val_fraction > 0 or val_size < 1):
+            raise ValueError(
+                f"data.val_size={val_size} is for data.val_fraction=0 (validation on a fixed "
+                "subset of the training images) and must be a positive integer; with "
+                f"data.val_fraction={val_fraction:g} set data.val_size=null"
+            )
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0")
         self.name, self.root, self.download = name, root, download
         self.image_size, self.channels = image_size, channels
         self.batch_size, self.val_fraction, self.split_seed = batch_size, val_fraction, split_seed
+        self.val_size = val_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.feature_extractor = feature_extractor  # the FID/KID features suited to this data
         self.in_memory, self.hflip, self.skip_bad_files = in_memory, hflip, skip_bad_files
@@ -161,11 +176,14 @@ class ImageDataModule(L.LightningDataModule):
                 f"data.conditional=true needs labelled data, but {self.name!r} has "
                 f"{self.num_classes} class(es); for image folders put one subfolder per class"
             )
-        n_val = max(1, round(self.val_fraction * n))
-        if n_val >= n:
-            raise ValueError(f"data set {self.name!r} has too few images ({n}) to split")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
-        val_idx, train_idx = order[:n_val], order[n_val:]
+        if self.val_fraction > 0:  # held out: validation images are never trained on
+            n_val = max(1, round(self.val_fraction * n))
+            if n_val >= n:
+                raise ValueError(f"data set {self.name!r} has too few images ({n}) to split")
+            val_idx, train_idx = order[:n_val], order[n_val:]
+        else:  # every image trains (Ho et al.); validation on a fixed subset of them
+            val_idx, train_idx = order[: min(self.val_size or VAL_SIZE, n)], order
         if images is not None:
             self.train_set = TensorImages(images[train_idx], labels[train_idx])
             self.val_set = TensorImages(images[val_idx], labels[val_idx])
@@ -188,22 +206,42 @@ class ImageDataModule(L.LightningDataModule):
         """All images of ``split`` (``train``, ``val`` or ``all``), [N, C, H, W] in [-1, 1]."""
         self.setup("fit")
         if split == "all":
-            return torch.cat([self.split_images("train"), self.split_images("val")])
-        if split not in ("train", "val"):
-            raise ValueError(f"eval.reference_split={split!r} is unknown; choose train, val or all")
-        dataset = self.train_set if split == "train" else self.val_set
+            return torch.cat([self.split_images(s) for s in self._splits_of_all()])
+        dataset = self._split_set(split)
         if isinstance(dataset, TensorImages):
             return to_unit_range(dataset.images)
         return to_unit_range(torch.stack([dataset[i][0] for i in range(len(dataset))]))
 
     def split_labels(self, split: str) -> Tensor:
         self.setup("fit")
-        return (self.train_set if split == "train" else self.val_set).labels
+        return self._split_set(split).labels
 
-    @property
-    def split_id(self) -> str:
-        """Identifies the split (for caches): fraction and seed."""
-        return f"val{self.val_fraction:g}-seed{self.split_seed}"
+    def _split_set(self, split: str) -> Dataset:
+        if split not in ("train", "val"):
+            raise ValueError(f"eval.reference_split={split!r} is unknown; choose train, val or all")
+        return self.train_set if split == "train" else self.val_set
+
+    def _splits_of_all(self) -> list[str]:
+        """The splits whose union is every image: with val_fraction=0 the validation
+        images are training images, so ``train`` alone."""
+        return ["train", "val"] if self.val_fraction > 0 else ["train"]
+
+    def split_fingerprint(self, split: str) -> str:
+        """Identifies the images of ``split`` for caches: a digest of the resolved root,
+        channels, size and content (the decoded uint8 images; in streaming mode the
+        files' paths, sizes and times), so two data sets never share an entry and
+        changed files are noticed."""
+        self.setup("fit")
+        if split == "all":
+            parts = [self.split_fingerprint(s) for s in self._splits_of_all()]
+            return combine("all", *parts)
+        dataset = self._split_set(split)
+        if isinstance(dataset, TensorImages):
+            content = tensor_fingerprint(dataset.images)
+        else:
+            content = files_fingerprint(dataset.files)
+        root = Path(self.root).expanduser().resolve() if self.root else ""
+        return combine(self.name, root, self.channels, self.image_size, split, content)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """On the device: uint8 -> [-1, 1], and random horizontal flips while training.

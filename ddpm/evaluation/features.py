@@ -35,6 +35,11 @@ class DigitsFeatureNet(nn.Module):
     name = "digits"
     num_features = 128
 
+    @property
+    def version(self) -> str:
+        """Names the trained weights (part of the reference statistics' cache key)."""
+        return f"v{DIGITS_VERSION}"
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Sequential(
@@ -110,6 +115,7 @@ class InceptionFeatures(nn.Module):
 
     name = "inception"
     num_features = 2048
+    version = Path(INCEPTION_URL).stem  # torch-fidelity's pt_inception-2015-12-05 weights
 
     def __init__(self) -> None:
         super().__init__()
@@ -132,7 +138,9 @@ class InceptionFeatures(nn.Module):
         except Exception as exc:
             raise FileNotFoundError(
                 "Inception weights are not cached and could not be downloaded "
-                f"({type(exc).__name__}); fetch {INCEPTION_URL} and save it as {weights}"
+                f"({type(exc).__name__}); fetch {INCEPTION_URL} and save it as {weights}, "
+                "or train without FID (eval=null), or use the download-free digits "
+                "features (eval.feature_extractor=digits; meant for digit-like images)"
             ) from exc
 
     def forward(self, images: Tensor) -> Tensor:

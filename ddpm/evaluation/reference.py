@@ -1,6 +1,7 @@
-"""Real-data reference statistics for FID/KID, computed once per data set, split,
-extractor and image size and cached on disk, so an evaluation costs only the generated
-side."""
+"""Real-data reference statistics for FID/KID, computed once and cached on disk, so an
+evaluation costs only the generated side. The cache key is what determines the numbers:
+the split's images (root, channels, size and a content fingerprint) and the feature
+extractor with its weights' version."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ddpm.evaluation.features import extract_features
 from ddpm.utils.files import atomic_torch_save, cache_dir
 
 KID_MAX_REAL = 10_000  # real features kept for KID (its subsets draw from these)
-STATS_VERSION = 2  # bump when the data pipeline changes pixels: old caches are ignored
+STATS_VERSION = 3  # bump when the data pipeline changes pixels: old caches are ignored
 
 
 @dataclass
@@ -63,9 +64,12 @@ def reference_stats(
     return stats, True
 
 
-def reference_key(name: str, split: str, extractor: str, image_size: int, split_id: str) -> str:
-    """File-name-safe cache key of one real-data reference."""
-    return f"{name}-{split}-{extractor}-{image_size}px-{split_id}-v{STATS_VERSION}"
+def reference_key(
+    name: str, split: str, extractor: str, extractor_version: str, images_id: str
+) -> str:
+    """File-name-safe cache key of one real-data reference: readable parts first, then
+    ``images_id`` (a digest of the images' root, channels, size and content)."""
+    return f"{name}-{split}-{extractor}-{extractor_version}-{images_id}-v{STATS_VERSION}"
 
 
 def data_reference(
@@ -78,7 +82,11 @@ def data_reference(
     """The cached statistics of ``split`` of ``datamodule`` (an ImageDataModule) under
     ``extractor``, computed on a miss; returns (cache key, stats)."""
     key = reference_key(
-        datamodule.name, split, extractor_name, datamodule.image_size, datamodule.split_id
+        datamodule.name,
+        split,
+        extractor_name,
+        str(extractor.version),  # every extractor names its weights' version
+        datamodule.split_fingerprint(split),
     )
     stats, _ = reference_stats(key, lambda: datamodule.split_images(split), extractor, device)
     return key, stats
