@@ -135,9 +135,12 @@ class UNet(nn.Module):
         attention_heads: int = 1,
         dropout: float = 0.1,
         num_classes: int = 0,
+        init: str = "ho",
     ) -> None:
         super().__init__()
         channel_mults = tuple(channel_mults)
+        if init not in INITS:
+            raise ValueError(f"model.init={init!r} is unknown; choose one of {', '.join(INITS)}")
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(
                 f"model.num_classes={num_classes!r} must be an integer >= 0 (0: unconditional; "
@@ -207,6 +210,8 @@ class UNet(nn.Module):
 
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
+        if init == "ho":
+            ho_init(self)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """Predict from x_t [B, C, H, W] at timesteps t [B]; ``y`` [B] are class labels of a
@@ -237,6 +242,38 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+INITS = ("ho", "torch")  # torch: PyTorch's default (Kaiming-uniform, a=sqrt(5)) init
+
+
+def ho_init(net: UNet) -> None:
+    """Ho et al. 2020's initialisation (diffusion_tf ``nn.default_init``): variance
+    scaling with fan_avg and a uniform law, U(-sqrt(6 / (fan_in + fan_out)), +...), i.e.
+    Xavier-uniform, for every convolution and dense layer, biases zero; and zero for the
+    layers whose output is added to a residual stream (``init_scale=0.``): each ResBlock's
+    last convolution, the attention output projection, and the output convolution, so
+    every block starts as the identity and the net's first prediction is 0."""
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in net.modules():
+        zeroed = []
+        if isinstance(module, ResBlock):
+            zeroed = [module.conv2]
+        elif isinstance(module, AttentionBlock):
+            zeroed = [module.proj]
+            # q, k, v are three C -> C maps in Ho's code: fans of C, not of 3C
+            for part in module.qkv.weight.detach().chunk(
+                3, dim=0
+            ):  # [3C, C, 1, 1] -> 3 x [C, C, 1, 1]
+                nn.init.xavier_uniform_(part)
+        for layer in zeroed:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    nn.init.zeros_(net.conv_out.weight)
+    nn.init.zeros_(net.conv_out.bias)
+
+
 def _validate(
     image_size: int,
     in_channels: int,
@@ -257,8 +294,10 @@ def _validate(
         )
     if in_channels < 1:
         raise ValueError(f"model.in_channels={in_channels} must be >= 1")
-    if base_channels < 2 or base_channels % 2:
-        raise ValueError(f"model.base_channels={base_channels} must be an even integer >= 2")
+    if base_channels < 4 or base_channels % 2:
+        # the sinusoidal embedding has base_channels / 2 frequencies spaced over
+        # [1, 1/max_period] by (half - 1) steps: it needs at least two
+        raise ValueError(f"model.base_channels={base_channels} must be an even integer >= 4")
     if num_res_blocks < 1:
         raise ValueError(f"model.num_res_blocks={num_res_blocks} must be >= 1")
     if not 0.0 <= dropout < 1.0:

@@ -25,6 +25,9 @@ from ddpm.utils.files import atomic_torch_save
 # The config keys that fix the network's parameter shapes and what its output means: a
 # checkpoint whose values differ here cannot continue (or be sampled as) this run.
 ARCHITECTURE_KEYS = ("model", "data.image_size", "data.channels", "objective.prediction_type")
+# How fresh weights are drawn: a run continued from a checkpoint loads its weights instead,
+# so these may differ (checkpoints from before model.init existed were PyTorch-initialised).
+NOT_ARCHITECTURE = ("model.init",)
 
 
 class CheckpointError(ValueError):
@@ -119,6 +122,8 @@ def config_differences(
     diffs = []
     for name in sorted(set(old) | set(new)):
         if not any(name == k or name.startswith(f"{k}.") for k in keys):
+            continue
+        if name in NOT_ARCHITECTURE:
             continue
         if old.get(name, "<absent>") != new.get(name, "<absent>"):
             diffs.append(

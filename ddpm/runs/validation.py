@@ -85,8 +85,19 @@ RULES: dict[str, tuple[Check, str]] = {
     "data.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "data.image_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "data.num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "data.val_fraction": (lambda v: _is_num(v) and 0 < v < 1, "a number strictly in (0, 1)"),
-    "model.base_channels": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "data.val_fraction": (
+        lambda v: _is_num(v) and 0 <= v < 1,
+        "a number in [0, 1) (0: train on every image, validate on data.val_size of them)",
+    ),
+    "data.val_size": (
+        lambda v: v is None or (_is_int(v) and v >= 1),
+        "an integer >= 1, or null (1,000)",
+    ),
+    "model.base_channels": (
+        lambda v: _is_int(v) and v >= 4 and v % 2 == 0,
+        "an even integer >= 4 (the time embedding needs two frequencies)",
+    ),
+    "model.init": (lambda v: v in ("ho", "torch"), "ho (Ho et al. 2020) or torch (PyTorch's)"),
     "model.num_res_blocks": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "model.channel_mults": (
         lambda v: (
