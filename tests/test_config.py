@@ -72,7 +72,6 @@ def test_zero_terminal_snr_trains_with_v_prediction(tmp_path):
             *TINY,
             "schedule.zero_terminal_snr=true",
             "objective.prediction_type=v_prediction",
-            "objective.weighting=min_snr",
             "sampler=dpm_solver",
             "sampler.steps=4",
         ],
@@ -87,6 +86,20 @@ def test_zero_terminal_snr_with_epsilon_is_refused_before_training(tmp_path):
     cfg = compose_train(["schedule.zero_terminal_snr=true"], tmp_path)
     with pytest.raises(ValueError, match=r"needs objective\.prediction_type=v_prediction"):
         build_module(cfg)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_min_snr_with_zero_terminal_snr_is_refused_before_training(prediction_type, tmp_path):
+    """min(SNR, gamma) / (SNR + 1) (v) and min(SNR, gamma) (x_0) are 0 at SNR = 0: the
+    loss would never train the t = T-1 prediction every chain starts from."""
+    overrides = [
+        "schedule.zero_terminal_snr=true",
+        f"objective.prediction_type={prediction_type}",
+        "objective.weighting=min_snr",
+    ]
+    with pytest.raises(ValueError, match=r"weighting=min_snr gives t = T-1 zero weight"):
+        build_module(compose_train(overrides, tmp_path))
+    build_module(compose_train([*overrides[:2], "objective.weighting=uniform"], tmp_path))
 
 
 @pytest.mark.parametrize("option", options("data"))

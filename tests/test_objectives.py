@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -23,10 +25,24 @@ def test_perfect_model_has_zero_loss(prediction_type):
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(4, 2, 3, 3, generator=g)
     noise = torch.randn(4, 2, 3, 3, generator=g)
-    t = torch.tensor([0, 5, 50, 99])
-    oracle = lambda x, t_: s.target(x0, noise, t_, prediction_type)  # noqa: E731
+    t = torch.tensor([0, 5, 50, 98])
+    # alpha_bar of the cosine schedule, Nichol & Dhariwal 2021 Eq. 17 (the 0.999 beta
+    # clip bites at t = 99 of 100 only): f(t) = cos^2(pi/2 (t/T + s) / (1 + s)), abar = f(t) / f(0)
+    f = lambda u: math.cos(math.pi / 2 * (u / 100 + 0.008) / 1.008) ** 2  # noqa: E731
+    abar = torch.tensor([f(int(u) + 1) / f(0) for u in t]).view(-1, 1, 1, 1)
+    a, sigma = abar.sqrt(), (1 - abar).sqrt()
+
+    def oracle(x_t, t_):
+        """The exact answer, read from x_t alone given x_0: x_t = a x_0 + sigma eps
+        (Ho et al. Eq. 4), v = a eps - sigma x_0 (Salimans & Ho 2022, Sec. 4)."""
+        eps = (x_t - a * x0) / sigma
+        return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - sigma * x0}[prediction_type]
+
     loss = DiffusionLoss(prediction_type)(oracle, s, x0, t, noise)
-    assert torch.allclose(loss, torch.zeros(4), atol=1e-10)
+    assert torch.allclose(loss, torch.zeros(4), atol=1e-8)
+    off = lambda x_t, t_: oracle(x_t, t_) + 0.1  # noqa: E731 - any other model is penalised
+    worse = DiffusionLoss(prediction_type)(off, s, x0, t, noise)
+    assert torch.allclose(worse, torch.full((4,), 0.01), rtol=1e-3)
 
 
 def test_timesteps_are_drawn_uniformly_over_all_of_them():

@@ -3,8 +3,9 @@
 An analytic model cannot show what breaks few-step samplers in practice: an epsilon
 network's error amplified by 1/sqrt(SNR) near t = T on the cosine schedule (saturated
 black-and-white noise). So this trains the default digits run per schedule (about 3.5
-minutes each on 2 CPU cores) and checks that each sampler's FID stays close to the
-250-step ancestral chain's. Slow: run with ``pytest -m slow tests/test_sampler_quality.py``.
+minutes each on 2 CPU cores) and holds each sampler's FID to its own measured bound
+relative to the 250-step ancestral chain's.
+Slow: run with ``pytest -m slow tests/test_sampler_quality.py``.
 """
 
 from __future__ import annotations
@@ -59,15 +60,23 @@ def fid(module, sampler) -> float:
     return fid_kid(reference, extract_features(extractor, images))["fid"]
 
 
+# Each default's FID over the 250-step ancestral chain's, at most. Measured at N=500 over
+# the five schedules (docs/sampling.md): DPM-Solver++ 20 steps 0.58-0.78 (it should match
+# a long chain: Lu et al. 2022), deterministic DDIM 50 steps 1.29-1.58.
+MAX_RATIO = {"ddpm": 1.0, "dpm_solver": 0.9, "ddim": 1.75}
+MAX_BASELINE = 35.0  # measured 15.7-25.3; saturated or broken samples give hundreds
+
+
 def test_every_sampler_default_gives_good_images(checkpoint):
     name, module = checkpoint
     samplers = {p.stem: instantiate(OmegaConf.load(p)) for p in (CONF / "sampler").glob("*.yaml")}
+    assert set(samplers) == set(MAX_RATIO)  # a new sampler needs its bound here
     samplers["ddpm"].steps = 250  # the baseline: a respaced ancestral chain (all T is slow)
     results = {key: fid(module, sampler) for key, sampler in sorted(samplers.items())}
     print(name, results)
     baseline = results["ddpm"]
+    assert baseline < MAX_BASELINE, f"{name}: the 250-step ancestral chain's FID is {baseline:.1f}"
     for sampler_name, value in results.items():
-        # saturated or broken samples give FIDs in the hundreds on digits features
-        assert value < 1.6 * baseline + 5, (
+        assert value <= MAX_RATIO[sampler_name] * baseline, (
             f"{name}: {sampler_name} FID {value:.1f} vs {baseline:.1f}"
         )

@@ -216,17 +216,25 @@ def test_min_log_snr_truncates_epsilon_chains_only():
         DDIMSampler(min_log_snr=6.0).timesteps(schedule, "epsilon")
 
 
-def test_dynamic_thresholding_keeps_x0_in_range():
+@pytest.mark.parametrize("threshold", [0.9, None])
+def test_dynamic_thresholding_keeps_x0_in_range_without_saturating_it(threshold):
+    """Imagen's rule divides by the p-quantile s of |x0|: at most 1 - p of the pixels reach
+    +-1. Static clipping (threshold None) saturates every pixel with |x0| > 1: here most."""
     schedule = NoiseSchedule.from_name("cosine", num_timesteps=100)
     seen = []
-    DDIMSampler(steps=10, dynamic_threshold=0.9).sample(
+    DDIMSampler(steps=10, dynamic_threshold=threshold).sample(
         lambda x, t: 5 * x,  # a wild model whose x0 estimates leave [-1, 1]
         schedule,
-        (4, 1, 4, 4),
+        (4, 1, 8, 8),
         prediction_type="sample",
-        on_step=lambda t, x, x0: seen.append(x0.abs().max().item()),
+        on_step=lambda t, x, x0: seen.append(x0.detach().clone()),
     )
-    assert max(seen) <= 1.0 + 1e-6
+    assert max(x0.abs().max().item() for x0 in seen) <= 1.0 + 1e-6
+    saturated = max((x0.abs() >= 1 - 1e-6).flatten(1).float().mean(1).max().item() for x0 in seen)
+    if threshold is None:
+        assert saturated > 0.5
+    else:
+        assert saturated <= 1 - threshold + 1 / 64  # the quantile's own pixel, at most
 
 
 def test_zero_terminal_snr_with_epsilon_is_refused():

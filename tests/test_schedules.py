@@ -1,4 +1,6 @@
+import itertools
 import math
+import operator
 import re
 
 import pytest
@@ -93,11 +95,20 @@ def test_prediction_type_conversions_round_trip(prediction_type):
     assert torch.allclose(eps_hat, eps, atol=1e-4)
 
 
-def test_snr_is_alpha_bar_ratio():
+def test_snr_of_ho_et_al_linear_schedule_from_first_principles():
+    """Ho et al. 2020 (Sec. 4): beta_t linear from 1e-4 to 0.02 over T = 1000, so
+    alpha_bar_t = prod_{s<=t} (1 - beta_s) and SNR = alpha_bar / (1 - alpha_bar)
+    (Kingma et al. 2021, Eq. 2), computed here in plain Python from the paper's numbers."""
     s = NoiseSchedule.from_name("linear", num_timesteps=1000)
-    t = torch.tensor([0, 999])
-    abar = s.alphas_cumprod[t]
-    assert torch.allclose(s.snr(t), abar / (1 - abar))
+    betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
+    alpha_bar = list(itertools.accumulate((1 - b for b in betas), operator.mul))
+    t = torch.tensor([0, 1, 10, 250, 500, 999])
+    expected = torch.tensor([alpha_bar[i] / (1 - alpha_bar[i]) for i in t.tolist()])
+    assert torch.allclose(s.snr(t).double(), expected.double(), rtol=1e-4)
+    assert s.snr(torch.tensor([0])).item() == pytest.approx(9999.0, rel=1e-4)  # 1/beta_1 - 1
+    assert math.sqrt(alpha_bar[-1]) == pytest.approx(0.00635, abs=5e-5)  # x_T is ~noise
+    # lambda = log(alpha / sigma) = log(SNR) / 2 (Lu et al. 2022, Sec. 2)
+    assert torch.allclose(s.log_snr()[t].double(), 0.5 * expected.log().double(), atol=1e-4)
 
 
 @pytest.mark.parametrize(

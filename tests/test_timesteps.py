@@ -15,9 +15,21 @@ def test_linspace_spacing():
         spaced_timesteps(1000, 0)
 
 
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing", "logsnr"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 7, 10, 999])
+def test_every_spacing_starts_at_the_top(spacing, steps):
+    """The chain starts from pure noise, x_{T-1}: one step at t = 0 would treat noise as a
+    clean image (linspace and leading did)."""
+    lam = NoiseSchedule.from_name("cosine").log_snr()
+    grid = spaced_timesteps(1000, steps, spacing, lam)
+    assert grid[0] == 999 and grid == sorted(set(grid), reverse=True) and min(grid) >= 0
+    if spacing != "logsnr":  # (logsnr may merge neighbours near steps = T)
+        assert len(grid) == steps
+
+
 def test_leading_and_trailing_match_lin_et_al_table_2():
-    # Lin et al. 2023, Table 2 (T = 1000, 10 steps)
-    assert spaced_timesteps(1000, 10, "leading") == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    # Lin et al. 2023, Table 2 (T = 1000, 10 steps); leading's top raised from 900 to T-1
+    assert spaced_timesteps(1000, 10, "leading") == [999, 800, 700, 600, 500, 400, 300, 200, 100, 0]
     assert spaced_timesteps(1000, 10, "trailing") == [
         999,
         899,

@@ -75,12 +75,19 @@ class DiffusionLoss:
 
     def check_schedule(self, schedule: NoiseSchedule) -> None:
         """Refuse a schedule this objective cannot train: with zero terminal SNR, an
-        epsilon network's x_0 = (x_T - eps) / 0 is undefined at t = T-1, and its min-SNR
-        weight is 0/0 (Lin et al. 2023, Sec. 3.2)."""
+        epsilon network's x_0 = (x_T - eps) / 0 is undefined at t = T-1 (Lin et al. 2023,
+        Sec. 3.2), and min-SNR's weight min(SNR, gamma) / (SNR + 1) (or min(SNR, gamma)) is
+        0 there: the prediction every chain starts from would never be trained."""
         if schedule.zero_terminal_snr and self.prediction_type == "epsilon":
             raise ValueError(
                 "schedule.zero_terminal_snr=true needs objective.prediction_type="
                 "v_prediction (or sample): an epsilon network cannot recover x_0 at zero SNR"
+            )
+        if schedule.zero_terminal_snr and self.weighting == "min_snr":
+            raise ValueError(
+                "objective.weighting=min_snr gives t = T-1 zero weight under "
+                "schedule.zero_terminal_snr=true (SNR 0 there), yet sampling starts at "
+                "T-1 from that untrained prediction; use objective.weighting=uniform"
             )
 
     def __call__(

@@ -153,6 +153,8 @@ class NoiseSchedule(nn.Module):
             "alphas": alphas,
             "alphas_cumprod": alphas_cumprod,
             "alphas_cumprod_prev": alphas_cumprod_prev,
+            # 1 - abar from float64: in float32, 1 - abar(t=0) = 1 - 0.9999 is off by 3e-4
+            "one_minus_alphas_cumprod": 1.0 - alphas_cumprod,
             "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
             "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
             "posterior_variance": posterior_variance,
@@ -232,12 +234,11 @@ class NoiseSchedule(nn.Module):
         """lambda_t = log(alpha_t / sigma_t) for every t, float64 [T] (Lu et al. 2022,
         Sec. 2; alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)); -inf where abar_t = 0."""
         abar = self.alphas_cumprod.double()
-        return 0.5 * (abar.log() - (1.0 - abar).log())
+        return 0.5 * (abar.log() - self.one_minus_alphas_cumprod.double().log())
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio abar_t / (1 - abar_t) (Kingma et al. 2021, Eq. 2)."""
-        abar = self.alphas_cumprod.gather(0, t)
-        return abar / (1.0 - abar)
+        return self.alphas_cumprod.gather(0, t) / self.one_minus_alphas_cumprod.gather(0, t)
 
     def velocity(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, Sec. 4)."""

@@ -15,15 +15,19 @@ def spaced_timesteps(
     spacing: str = "linspace",
     log_snr: Tensor | None = None,
 ) -> list[int]:
-    """``steps`` distinct timesteps in [0, num_timesteps - 1], descending.
+    """``steps`` distinct timesteps in [0, num_timesteps - 1], descending, the first T-1.
 
     The chain evaluates the network at each of them and jumps from the last one to the
-    clean sample. ``None``, or ``steps >= num_timesteps``, keeps every timestep. The
-    spacings follow Lin et al. 2023 (Table 2) and Lu et al. 2022:
+    clean sample. ``None``, or ``steps >= num_timesteps``, keeps every timestep. Every
+    spacing starts at T-1: the chain starts from pure noise, which only x_{T-1} is (a
+    grid starting lower treats noise as a less noisy image; with ``steps=1`` at t = 0, as
+    a clean one). The spacings follow Lin et al. 2023 (Table 2) and Lu et al. 2022:
 
-    - ``linspace``: round(linspace(0, T-1, steps)); starts at T-1 and ends at 0.
+    - ``linspace``: round(linspace(T-1, 0, steps)); starts at T-1 and ends at 0 (one
+      step: T-1).
     - ``leading``: k * floor(T / steps) for k < steps (Song et al. 2021's uniform
-      skipping); ends at 0 but never reaches T-1.
+      skipping), its top point raised to T-1: Table 2's grid starts at T - T / steps,
+      the mismatch Lin et al. (Sec. 3.3) point out.
     - ``trailing``: round(T - k T / steps) - 1; starts at T-1, its last step jumps from
       about T / steps to the clean sample.
     - ``logsnr``: uniform in lambda = log(alpha / sigma) over steps + 1 points from
@@ -42,9 +46,10 @@ def spaced_timesteps(
         raise ValueError(f"sampler.steps={steps} must be >= 1, or null for all timesteps")
     T = num_timesteps
     if spacing == "linspace":
-        grid = torch.linspace(0, T - 1, steps, dtype=torch.float64).round()
+        grid = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round()
     elif spacing == "leading":
-        grid = torch.arange(steps, dtype=torch.float64) * (T // steps)
+        grid = torch.arange(steps, dtype=torch.float64).flip(0) * (T // steps)
+        grid[0] = T - 1
     elif spacing == "trailing":
         grid = (torch.arange(T, 0, -T / steps, dtype=torch.float64)[:steps]).round() - 1
     else:
