@@ -52,7 +52,7 @@ def test_every_shipped_config_passes():
         ("model.dropout=1", "model.dropout=1 is not allowed"),
         # the time embedding's frequencies are spaced by 1 / (base_channels / 2 - 1)
         ("model.base_channels=2", "model.base_channels=2 is not allowed: it must be an even"),
-        ("model.init=xavier", "model.init='xavier' is not allowed: it must be ho"),
+        ("model.init=xavier", "model.init='xavier' is not allowed: it must be one of ho, torch"),
         ("data.val_fraction=1", "data.val_fraction=1 is not allowed: it must be a number in"),
         ("data.val_size=0", "data.val_size=0 is not allowed: it must be an integer >= 1"),
         ("eval.num_samples=1", "eval.num_samples=1 is not allowed"),

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ddpm.nets.unet import INITS
 from ddpm.training.precision import run_device
 
 PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "16", "bf16-mixed", "bf16")
@@ -97,7 +98,7 @@ RULES: dict[str, tuple[Check, str]] = {
         lambda v: _is_int(v) and v >= 4 and v % 2 == 0,
         "an even integer >= 4 (the time embedding needs two frequencies)",
     ),
-    "model.init": (lambda v: v in ("ho", "torch"), "ho (Ho et al. 2020) or torch (PyTorch's)"),
+    "model.init": (lambda v: v in INITS, f"one of {', '.join(INITS)} (ho: Ho et al. 2020's)"),
     "model.num_res_blocks": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "model.channel_mults": (
         lambda v: (
