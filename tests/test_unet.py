@@ -55,7 +55,7 @@ def test_ho_initialisation_zeroes_the_residual_outputs_and_is_xavier_elsewhere()
     """Ho et al.'s init (diffusion_tf nn.default_init: variance scaling, fan_avg, uniform;
     init_scale=0 for each ResBlock's conv2, the attention proj_out and the output conv)."""
     torch.manual_seed(0)
-    net = _small_net()
+    net = _small_net(init="ho")
     zeroed = {"conv_out"} | {
         name.rsplit(".", 1)[0]
         for name, _ in net.named_parameters()

@@ -120,7 +120,8 @@ class UNet(nn.Module):
     ``num_res_blocks`` residual blocks (``+1`` on the way up, fed by skip connections),
     self-attention at the listed ``attention_resolutions``, and a middle
     ResBlock-Attention-ResBlock. ``image_size`` is needed to place the attention layers
-    and to check that the input can be halved at every level.
+    and to check that the input can be halved at every level. ``init``: ``torch``
+    (PyTorch's default initialisation) or ``ho`` (Ho et al.'s, ``ho_init``).
     """
 
     def __init__(
@@ -135,7 +136,7 @@ class UNet(nn.Module):
         attention_heads: int = 1,
         dropout: float = 0.1,
         num_classes: int = 0,
-        init: str = "ho",
+        init: str = "torch",
     ) -> None:
         super().__init__()
         channel_mults = tuple(channel_mults)
