@@ -191,7 +191,7 @@ def test_resume_auto_starts_then_continues_a_run(tmp_path):
     for steps in (2, 4):
         result = run_entry(
             "train.py",
-            *FAST,
+            *WITH_CALLBACKS,
             f"trainer.max_steps={steps}",
             "trainer.val_check_interval=2",
             "logger=none",
@@ -205,7 +205,7 @@ def test_resume_auto_starts_then_continues_a_run(tmp_path):
     # requeued after it finished: nothing to do, and no error
     result = run_entry(
         "train.py",
-        *FAST,
+        *WITH_CALLBACKS,
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "logger=none",
@@ -243,7 +243,7 @@ def _interrupt(run: Path, signum: int, extra: list[str], cwd: Path) -> tuple[str
     """Start an endless run, send ``signum`` once it has a checkpoint; (stderr, step)."""
     proc = _start(
         [
-            *FAST,
+            *WITH_CALLBACKS,
             *extra,
             "trainer.max_steps=100000",
             "trainer.val_check_interval=5",
