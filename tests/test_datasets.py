@@ -71,6 +71,8 @@ def test_cifar10_preset_trains_on_every_training_image(tmp_path):
     assert dm.split_images("train").shape[0] == dm.split_images("all").shape[0] == 50
     assert dm.val_set.images.shape[0] == 50  # min(val_size, N)
     assert cfg.eval.reference_split == "train"
+    assert cfg.model.init == "ho"  # Ho et al.'s initialisation; the digits default keeps torch's
+    assert compose_train([]).model.init == "torch"
 
 
 def test_folder_with_class_subfolders_resizes_and_crops(tmp_path):
