@@ -90,7 +90,7 @@ def main() -> None:
     rows = []
     for spec in args.specs:
         sampler = build_sampler(spec)
-        nfe = len(sampler.timesteps(module.schedule, prediction_type))
+        nfe = sampler.nfe(module.schedule, prediction_type)
         start = time.perf_counter()
         images = module.sample(
             args.num_samples, seed=args.seed, batch_size=args.batch_size, sampler=sampler

@@ -2,7 +2,7 @@
 
 The public API, stable from one version to the next::
 
-    from ddpm import NoiseSchedule, DDPMSampler, DDIMSampler, DPMSolverSampler
+    from ddpm import NoiseSchedule, DDPMSampler, DDIMSampler, DPMSolverSampler, EDMSampler
     from ddpm import DiffusionModule, UNet, ImageDataModule
 
 Each name is imported from its layer on first use, so ``import ddpm.diffusion`` (pure
@@ -22,6 +22,7 @@ _API = {
     "DDPMSampler": "ddpm.diffusion.samplers",
     "DDIMSampler": "ddpm.diffusion.samplers",
     "DPMSolverSampler": "ddpm.diffusion.samplers",
+    "EDMSampler": "ddpm.diffusion.samplers",
     "UNet": "ddpm.nets.unet",
     "ImageDataModule": "ddpm.data.datamodule",
     "DiffusionModule": "ddpm.training.module",
@@ -31,6 +32,7 @@ __all__ = [
     "DDPMSampler",
     "DPMSolverSampler",
     "DiffusionModule",
+    "EDMSampler",
     "ImageDataModule",
     "NoiseSchedule",
     "UNet",
@@ -38,7 +40,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from ddpm.data.datamodule import ImageDataModule
-    from ddpm.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
+    from ddpm.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler, EDMSampler
     from ddpm.diffusion.schedules import NoiseSchedule
     from ddpm.nets.unet import UNet
     from ddpm.training.module import DiffusionModule

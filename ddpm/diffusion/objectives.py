@@ -1,5 +1,13 @@
-"""The training loss: a small callable that samples timesteps and noise, builds x_t and
-returns one loss per sample (reduction is the caller's choice)."""
+"""The training losses: small callables that draw noise levels and noise, build the noisy
+image and return one loss per sample (reduction is the caller's choice).
+
+Both share one interface, which the LightningModule and its callbacks rely on:
+``loss(model, schedule, x0, level, noise, y=..., drop_labels=..., aug=...)`` with ``level``
+a timestep (``DiffusionLoss``) or a noise level sigma (``EDMLoss``); ``fixed_levels`` (the
+validation draws, a function of each image's index); ``bucket``/``bucket_labels`` (the
+loss-by-noise-level chart); ``sampling_model`` (what the samplers call) and
+``prediction_type`` (what that model predicts).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,24 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ddpm.diffusion.preconditioning import PreconditionedModel, Preconditioning
 from ddpm.diffusion.rng import index_generator
 from ddpm.diffusion.schedules import PREDICTION_TYPES, NoiseSchedule
 
-Model = Callable[[Tensor, Tensor], Tensor]
+Model = Callable[..., Tensor]  # model(x, t_or_c_noise[, y=labels][, aug=augment labels])
+
+
+def drop_labels_at_random(y: Tensor, prob: float) -> Tensor:
+    """Replace each label by -1 ("no label") with probability ``prob``, so one network
+    learns the conditional and the unconditional prediction (Ho & Salimans 2022, Alg. 1)."""
+    drop = torch.rand(y.shape, device=y.device) < prob
+    return torch.where(drop, torch.full_like(y, -1), y)
+
+
+def conditioning(y: Tensor | None, aug: Tensor | None) -> dict[str, Tensor]:
+    """The keyword arguments a net takes besides (x, t): labels and augmentation labels,
+    only those given, so unconditional nets without augmentation keep their (x, t) call."""
+    return {k: v for k, v in (("y", y), ("aug", aug)) if v is not None}
 
 
 WEIGHTINGS = ("uniform", "min_snr")
@@ -90,6 +112,10 @@ class DiffusionLoss:
                 "T-1 from that untrained prediction; use objective.weighting=uniform"
             )
 
+    def sampling_model(self, net: Model, schedule: NoiseSchedule) -> Model:
+        """What the samplers call: the net itself, which predicts ``prediction_type``."""
+        return net
+
     def __call__(
         self,
         model: Model,
@@ -99,26 +125,23 @@ class DiffusionLoss:
         noise: Tensor | None = None,
         y: Tensor | None = None,
         drop_labels: bool = True,
+        aug: Tensor | None = None,
     ) -> Tensor:
         """Per-sample loss, shape [B]. ``t`` and ``noise`` are drawn when not given.
 
-        ``y`` (class labels, conditional nets only) is replaced by -1 ("no label") with
-        probability ``cond_drop_prob`` when ``drop_labels``, so one network learns the
-        conditional and the unconditional prediction (Ho & Salimans 2022, Algorithm 1)."""
+        ``y`` (class labels, conditional nets only) is dropped with probability
+        ``cond_drop_prob`` when ``drop_labels``; ``aug`` [B, A] are the augmentation labels
+        of ``x0`` (non-leaky augmentation, Karras et al. 2022, App. D.2)."""
         if t is None:
             t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = schedule.q_sample(x0, t, noise)
         target = schedule.target(x0, noise, t, self.prediction_type)
+        if y is not None and drop_labels and self.cond_drop_prob > 0:
+            y = drop_labels_at_random(y, self.cond_drop_prob)
+        out = model(x_t, t, **conditioning(y, aug))
         # The regression is done in float32 even under autocast (fp16 squares overflow).
-        if y is None:
-            out = model(x_t, t)
-        else:
-            if drop_labels and self.cond_drop_prob > 0:
-                drop = torch.rand(y.shape, device=y.device) < self.cond_drop_prob
-                y = torch.where(drop, torch.full_like(y, -1), y)
-            out = model(x_t, t, y=y)
         err = (out.float() - target.float()) ** 2
         loss = err.flatten(1).mean(dim=1)  # [B, C, H, W] -> [B]
         if self.weighting == "min_snr":
@@ -126,6 +149,125 @@ class DiffusionLoss:
                 schedule.snr(t).float(), self.prediction_type, self.min_snr_gamma
             )
         return loss
+
+    def fixed_levels(
+        self,
+        indices: Sequence[int] | Tensor,
+        shape: Sequence[int],
+        schedule: NoiseSchedule,
+        seed: int = 0,
+    ) -> tuple[Tensor, Tensor]:
+        """Validation's (t, noise) per image index (``fixed_timesteps_and_noise``)."""
+        return fixed_timesteps_and_noise(indices, shape, schedule.num_timesteps, seed)
+
+    level_name = "t"
+
+    def bucket(self, t: Tensor, num_buckets: int, schedule: NoiseSchedule) -> Tensor:
+        """The chart bucket of each timestep: ``num_buckets`` equal ranges of t."""
+        return t * num_buckets // schedule.num_timesteps
+
+    def bucket_labels(self, num_buckets: int, schedule: NoiseSchedule) -> list[str]:
+        """``lo-hi`` timestep range of each bucket, as in the metric names."""
+        T = schedule.num_timesteps
+        return [
+            f"{i * T // num_buckets:04d}-{(i + 1) * T // num_buckets - 1:04d}"
+            for i in range(num_buckets)
+        ]
+
+
+class EDMLoss:
+    """The denoising loss of Karras et al. 2022 (Eq. 2 with Table 1's "Training" rows):
+    E_{sigma, y, n} lambda(sigma) ||D(y + n; sigma) - y||^2, n ~ N(0, sigma^2 I), with the
+    preconditioned denoiser D and the sigma distribution and weight lambda of the chosen
+    ``preconditioning`` column (EDM: ln sigma ~ N(-1.2, 1.2^2), lambda = (sigma^2 +
+    sigma_data^2) / (sigma sigma_data)^2). Sigma is continuous; the run's schedule is only
+    the grid the discrete samplers (DDPM, DDIM, DPM-Solver) walk at sampling time.
+    """
+
+    prediction_type = "sample"  # the samplers see D(x; sigma): an x_0 estimate
+    level_name = "sigma"
+
+    def __init__(self, preconditioning: Preconditioning, cond_drop_prob: float = 0.1) -> None:
+        if not isinstance(preconditioning, Preconditioning):
+            raise ValueError(
+                f"objective.preconditioning={preconditioning!r} must be one of "
+                "ddpm.diffusion.preconditioning's EDMPrecond, VPPrecond, VEPrecond, IDDPMPrecond"
+            )
+        if not 0.0 <= float(cond_drop_prob) < 1.0:
+            raise ValueError(
+                f"objective.cond_drop_prob={cond_drop_prob!r} must lie in [0, 1) (0.1 in Ho & "
+                "Salimans 2022)"
+            )
+        self.preconditioning = preconditioning
+        self.cond_drop_prob = float(cond_drop_prob)
+
+    def check_schedule(self, schedule: NoiseSchedule) -> None:
+        """Refuse a sampling grid an EDM-trained net cannot be sampled on: an infinite sigma
+        (zero terminal SNR) has no finite VE image x = x_t sqrt(1 + sigma^2)."""
+        if schedule.zero_terminal_snr:
+            raise ValueError(
+                "objective=edm samples on the schedule's sigma grid, and "
+                "schedule.zero_terminal_snr=true makes its last sigma infinite; set "
+                "schedule.zero_terminal_snr=false (schedule=edm is Karras et al.'s grid)"
+            )
+
+    def sampling_model(self, net: Model, schedule: NoiseSchedule) -> Model:
+        """The preconditioned denoiser at the schedule's timesteps (predicts x_0)."""
+        return PreconditionedModel(net, self.preconditioning, schedule)
+
+    def __call__(
+        self,
+        model: Model,
+        schedule: NoiseSchedule,
+        x0: Tensor,
+        sigma: Tensor | None = None,
+        noise: Tensor | None = None,
+        y: Tensor | None = None,
+        drop_labels: bool = True,
+        aug: Tensor | None = None,
+    ) -> Tensor:
+        """Per-sample loss [B]; ``sigma`` [B] and unit ``noise`` are drawn when not given."""
+        if sigma is None:
+            sigma = self.preconditioning.sample_sigma(x0.shape[0], device=x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        if y is not None and drop_labels and self.cond_drop_prob > 0:
+            y = drop_labels_at_random(y, self.cond_drop_prob)
+        noisy = x0.float() + noise.float() * sigma.float().view(-1, *[1] * (x0.ndim - 1))
+        denoised = self.preconditioning.denoise(model, noisy, sigma, **conditioning(y, aug))
+        err = (denoised - x0.float()).flatten(1).pow(2).mean(dim=1)  # [B, C, H, W] -> [B]
+        return self.preconditioning.weight(sigma) * err
+
+    def fixed_levels(
+        self,
+        indices: Sequence[int] | Tensor,
+        shape: Sequence[int],
+        schedule: NoiseSchedule,
+        seed: int = 0,
+    ) -> tuple[Tensor, Tensor]:
+        """Validation's (sigma [B] float32, noise [B, *shape]) per image index, drawn from
+        the training distribution of sigma with the index's own generator (CPU)."""
+        sigmas, noises = [], []
+        for index in torch.as_tensor(indices).tolist():
+            g = index_generator(seed, int(index))
+            sigmas.append(self.preconditioning.sample_sigma(1, generator=g))
+            noises.append(torch.randn(tuple(shape), generator=g))
+        return torch.cat(sigmas), torch.stack(noises)
+
+    def _edges(self, num_buckets: int) -> Tensor:
+        lo, hi = self.preconditioning.log_sigma_range()
+        return torch.linspace(lo, hi, num_buckets + 1, dtype=torch.float64)
+
+    def bucket(self, sigma: Tensor, num_buckets: int, schedule: NoiseSchedule) -> Tensor:
+        """The chart bucket of each sigma: ``num_buckets`` equal ranges of ln(sigma) over the
+        preconditioning's span, the outermost taking everything beyond."""
+        inner = self._edges(num_buckets)[1:-1].to(sigma.device, torch.float32)
+        return torch.bucketize(sigma.float().log(), inner)
+
+    def bucket_labels(self, num_buckets: int, schedule: NoiseSchedule) -> list[str]:
+        """``lo-hi`` sigma range of each bucket."""
+        sig = self._edges(num_buckets).exp().tolist()
+        return [f"{sig[i]:.3g}-{sig[i + 1]:.3g}" for i in range(num_buckets)]
 
 
 def fixed_timesteps_and_noise(

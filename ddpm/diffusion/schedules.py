@@ -98,6 +98,37 @@ def sigmoid_beta_schedule(
     return betas.clamp(max=max_beta)
 
 
+def edm_beta_schedule(
+    num_timesteps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> Tensor:
+    """Karras et al. 2022's noise levels as a discrete VP schedule, float64: T sigmas
+    rho-spaced from ``sigma_min`` (t = 0) to ``sigma_max`` (t = T-1) (Eq. 5, ascending),
+    with alpha_bar_t = 1 / (1 + sigma_t^2) (the VP <-> VE relation of Sec. 2 and App. C.2:
+    x_t = x / sqrt(1 + sigma^2)) and beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}.
+
+    It is the grid on which DDPM/DDIM/DPM-Solver sample an EDM-trained net, and the range
+    ``EDMSampler`` clamps its own sigmas to."""
+    if not 0 < sigma_min < sigma_max or not rho > 0:
+        raise ValueError(
+            f"schedule.sigma_min={sigma_min}, schedule.sigma_max={sigma_max} and "
+            f"schedule.rho={rho} must satisfy 0 < sigma_min < sigma_max and rho > 0 "
+            "(EDM: 0.002, 80, 7)"
+        )
+    sigmas = karras_sigmas(num_timesteps, sigma_min, sigma_max, rho).flip(0)  # ascending
+    alphas_cumprod = 1.0 / (1.0 + sigmas**2)
+    previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return 1.0 - alphas_cumprod / previous
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+    """Karras et al. 2022, Eq. 5: sigma_i = (sigma_max^(1/rho) + i / (N - 1)
+    (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho for i < N, descending, float64 (one
+    point, sigma_max, when N = 1)."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp.double() * (lo - hi)) ** rho
+
+
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     """Shift and scale sqrt(alpha_bar) so that it is unchanged at t = 0 and exactly 0 at
     t = T-1: zero terminal SNR (Lin et al. 2023, Algorithm 1). The last beta becomes 1."""
@@ -114,6 +145,7 @@ BETA_SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "scaled_linear": scaled_linear_beta_schedule,
     "cosine": cosine_beta_schedule,
     "sigmoid": sigmoid_beta_schedule,
+    "edm": edm_beta_schedule,
 }
 
 
@@ -160,6 +192,9 @@ class NoiseSchedule(nn.Module):
             "posterior_variance": posterior_variance,
             "posterior_mean_coef1": posterior_mean_coef1,
             "posterior_mean_coef2": posterior_mean_coef2,
+            # log sigma_t, sigma = sqrt((1 - abar) / abar): the VE noise level of step t
+            # (Karras et al. 2022, Sec. 2); +inf where abar = 0 (zero terminal SNR)
+            "log_sigmas": 0.5 * ((1.0 - alphas_cumprod).log() - alphas_cumprod.log()),
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.to(torch.float32), persistent=False)
@@ -236,6 +271,42 @@ class NoiseSchedule(nn.Module):
         abar = self.alphas_cumprod.double()
         return 0.5 * (abar.log() - self.one_minus_alphas_cumprod.double().log())
 
+    def sigma_at(self, t: Tensor) -> Tensor:
+        """sigma(t) [B] float32 at integer or fractional timesteps t [B]: the grid's sigma_t
+        at integers, log-linear between neighbours (the inverse of ``t_for_sigma``)."""
+        t = t.float().clamp(0, self.num_timesteps - 1)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=self.num_timesteps - 1)
+        frac = t - lo.float()
+        log_lo, log_hi = self.log_sigmas.gather(0, lo), self.log_sigmas.gather(0, hi)
+        # frac = 0 must not touch log_hi: it is +inf at t = T-1 under zero terminal SNR
+        return torch.where(frac > 0, log_lo + frac * (log_hi - log_lo), log_lo).exp()
+
+    def t_for_sigma(self, sigmas: Tensor, nearest: bool = False) -> Tensor:
+        """The timestep of each noise level in ``sigmas`` (float64, host): fractional,
+        log-linear between grid points (``nearest=False``), or the grid index whose sigma is
+        nearest in log (``nearest=True``, Karras et al. 2022's ``round_sigma`` for
+        discrete-time nets). Sigmas outside the grid map to its ends."""
+        log_grid = self.log_sigmas.double().cpu()  # ascending in t
+        finite = int(torch.isfinite(log_grid).sum())  # +inf at the top: zero terminal SNR
+        log_grid = log_grid[:finite]
+        target = sigmas.double().cpu().log().clamp(log_grid[0], log_grid[-1])
+        hi = torch.searchsorted(log_grid, target).clamp(1, max(finite - 1, 1))
+        lo = hi - 1
+        if finite == 1:
+            return torch.zeros_like(target)
+        span = (log_grid[hi] - log_grid[lo]).clamp(min=1e-12)
+        frac = ((target - log_grid[lo]) / span).clamp(0, 1)
+        if nearest:
+            return torch.where(frac > 0.5, hi, lo).double()
+        return lo.double() + frac
+
+    def sigma_range(self) -> tuple[float, float]:
+        """The smallest and the largest finite sigma of the grid (host floats)."""
+        log_grid = self.log_sigmas.double()
+        finite = log_grid[torch.isfinite(log_grid)]
+        return float(finite[0].exp()), float(finite[-1].exp())
+
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio abar_t / (1 - abar_t) (Kingma et al. 2021, Eq. 2)."""
         return self.alphas_cumprod.gather(0, t) / self.one_minus_alphas_cumprod.gather(0, t)
@@ -267,23 +338,33 @@ class NoiseSchedule(nn.Module):
     def predict_x0_eps(
         self, x_t: Tensor, t: Tensor, model_output: Tensor, prediction_type: str
     ) -> tuple[Tensor, Tensor]:
-        """Convert a network output to the pair (x_0 estimate, eps estimate).
-
-        From x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps (Ho et al. Eq. 4) and
-        v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022).
-        """
+        """Convert a network output at integer timesteps t to (x_0 estimate, eps estimate)."""
         sqrt_ab = extract(self.sqrt_alphas_cumprod, t, x_t.shape)
         sqrt_1m_ab = extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
-        if prediction_type == "epsilon":
-            eps = model_output
-            return (x_t - sqrt_1m_ab * eps) / sqrt_ab, eps
-        if prediction_type == "sample":
-            x0 = model_output
-            return x0, (x_t - sqrt_ab * x0) / sqrt_1m_ab
-        if prediction_type == "v_prediction":
-            v = model_output
-            return sqrt_ab * x_t - sqrt_1m_ab * v, sqrt_1m_ab * x_t + sqrt_ab * v
-        raise ValueError(_bad_prediction_type(prediction_type))
+        return x0_eps_from_output(x_t, model_output, sqrt_ab, sqrt_1m_ab, prediction_type)
+
+
+def x0_eps_from_output(
+    x_t: Tensor,
+    model_output: Tensor,
+    alpha: Tensor | float,
+    sigma: Tensor | float,
+    prediction_type: str,
+) -> tuple[Tensor, Tensor]:
+    """(x_0 estimate, eps estimate) from a network output at the noise level where
+    x_t = alpha x_0 + sigma eps, alpha = sqrt(abar), sigma = sqrt(1 - abar) (Ho et al.
+    Eq. 4), and v = alpha eps - sigma x_0 (Salimans & Ho 2022). ``alpha``/``sigma``
+    broadcast against x_t: tensors [B, 1, 1, 1] or host floats."""
+    if prediction_type == "epsilon":
+        eps = model_output
+        return (x_t - sigma * eps) / alpha, eps
+    if prediction_type == "sample":
+        x0 = model_output
+        return x0, (x_t - alpha * x0) / sigma
+    if prediction_type == "v_prediction":
+        v = model_output
+        return alpha * x_t - sigma * v, sigma * x_t + alpha * v
+    raise ValueError(_bad_prediction_type(prediction_type))
 
 
 def _bad_prediction_type(value: str) -> str:

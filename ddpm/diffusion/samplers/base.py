@@ -1,11 +1,11 @@
-"""What every sampler shares: the timestep list, the network call and its conversion to
-(x_0, eps), x_0 clipping or thresholding, the progress bar and the step hook.
+"""What samplers share. ``Sampler``: the call every sampler answers (``sample``), its step
+count and x_0 clipping or thresholding. ``TimestepSampler``: the family that walks a
+descending list of the schedule's timesteps (DDPM, DDIM, DPM-Solver): the timestep list,
+the network call and its conversion to (x_0, eps), the progress bar and the step hook.
 
 Samplers see only a callable ``model(x_t, t)`` and a NoiseSchedule; randomness comes from
-an injected generator. Every sampler evaluates the network at a descending list of
-timesteps (see ``ddpm.diffusion.timesteps``) and jumps from the last one to the clean
-sample. Schedule coefficients are read once per chain as float64 host numbers (no
-per-step device sync).
+an injected generator. Schedule coefficients are read once per chain as float64 host
+numbers (no per-step device sync).
 """
 
 from __future__ import annotations
@@ -52,14 +52,64 @@ class Move:
 
 
 class Sampler:
-    """What every sampler shares: the timestep list, the network call with its conversion
-    to (x_0, eps), x_0 clipping or thresholding, the progress bar and the step hook.
-
-    Subclasses implement ``step``: one ``Move`` from timestep t to the next given the x_0
-    and eps estimates at t.
-    """
+    """What every sampler is: ``sample(model, schedule, shape, prediction_type=...,
+    generator=..., progress=..., on_step=..., x_T=..., y=..., guidance_scale=...)``, a
+    step count, and what it does with the x_0 estimate (``clip_denoised``: clip to [-1, 1];
+    ``dynamic_threshold``: Imagen's rule at that quantile instead)."""
 
     name = "sampler"
+
+    def __init__(
+        self,
+        steps: int | None = None,
+        clip_denoised: bool = True,
+        dynamic_threshold: float | None = None,
+    ) -> None:
+        if steps is not None and (
+            not isinstance(steps, int) or isinstance(steps, bool) or steps < 1
+        ):
+            raise ValueError(f"sampler.steps={steps!r} must be a positive integer or null")
+        if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
+            raise ValueError(
+                f"sampler.dynamic_threshold={dynamic_threshold!r} must be a quantile in "
+                "(0, 1] (e.g. 0.995) or null"
+            )
+        self.steps = steps
+        self.clip_denoised = clip_denoised
+        self.dynamic_threshold = dynamic_threshold
+
+    def process_x0(self, x0: Tensor) -> Tensor:
+        """The x_0 estimate clipped or thresholded as configured (unchanged when neither)."""
+        if self.clip_denoised or self.dynamic_threshold is not None:
+            return process_x0(x0, self.clip_denoised, self.dynamic_threshold)
+        return x0
+
+    def nfe(self, schedule: NoiseSchedule, prediction_type: str = "epsilon") -> int:
+        """Network evaluations per sample (without guidance's doubled batch)."""
+        raise NotImplementedError
+
+    def sample(
+        self,
+        model: Model,
+        schedule: NoiseSchedule,
+        shape: Sequence[int],
+        prediction_type: str = "epsilon",
+        generator: Generators = None,
+        progress: bool = False,
+        on_step: StepHook | None = None,
+        x_T: Tensor | None = None,
+        y: Tensor | None = None,
+        guidance_scale: float = 0.0,
+    ) -> Tensor:
+        raise NotImplementedError
+
+
+class TimestepSampler(Sampler):
+    """Samplers that evaluate the network at a descending list of the schedule's
+    timesteps (see ``ddpm.diffusion.timesteps``) and jump from the last one to the clean
+    sample. Subclasses implement ``step``: one ``Move`` from timestep t to the next given
+    the x_0 and eps estimates at t.
+    """
 
     def __init__(
         self,
@@ -69,24 +119,16 @@ class Sampler:
         dynamic_threshold: float | None = None,
         min_log_snr: float | None = None,
     ) -> None:
-        if steps is not None and (
-            not isinstance(steps, int) or isinstance(steps, bool) or steps < 1
-        ):
-            raise ValueError(f"sampler.steps={steps!r} must be a positive integer or null")
+        super().__init__(steps, clip_denoised, dynamic_threshold)
         if spacing not in SPACINGS:
             raise ValueError(
                 f"sampler.spacing={spacing!r} is unknown; choose one of {list(SPACINGS)}"
             )
-        if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
-            raise ValueError(
-                f"sampler.dynamic_threshold={dynamic_threshold!r} must be a quantile in "
-                "(0, 1] (e.g. 0.995) or null"
-            )
-        self.steps = steps
         self.spacing = spacing
-        self.clip_denoised = clip_denoised
-        self.dynamic_threshold = dynamic_threshold
         self.min_log_snr = min_log_snr
+
+    def nfe(self, schedule: NoiseSchedule, prediction_type: str = "epsilon") -> int:
+        return len(self.timesteps(schedule, prediction_type))
 
     def timesteps(self, schedule: NoiseSchedule, prediction_type: str = "epsilon") -> list[int]:
         """The descending timesteps this sampler evaluates the network at.
@@ -116,7 +158,7 @@ class Sampler:
         out = guided_output(model, x, t, y, guidance_scale).float()
         x0, eps = schedule.predict_x0_eps(x, t, out, prediction_type)
         if self.clip_denoised or self.dynamic_threshold is not None:
-            x0 = process_x0(x0, self.clip_denoised, self.dynamic_threshold)
+            x0 = self.process_x0(x0)
             eps = schedule.eps_from_x0(x, t, x0)
         return x0, eps
 

@@ -9,11 +9,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ddpm.diffusion.guidance import Model, guided_output
-from ddpm.diffusion.samplers.base import Move, Sampler, check_prediction_type
+from ddpm.diffusion.samplers.base import Move, TimestepSampler, check_prediction_type
 from ddpm.diffusion.schedules import NoiseSchedule
 
 
-class DDIMSampler(Sampler):
+class DDIMSampler(TimestepSampler):
     """DDIM (Song et al. 2021), Eq. 12:
 
     x_{t-1} = sqrt(abar_{t-1}) x0_theta + sqrt(1 - abar_{t-1} - sigma_t^2) eps_theta

@@ -6,10 +6,10 @@ import math
 
 from torch import Tensor
 
-from ddpm.diffusion.samplers.base import Move, Sampler
+from ddpm.diffusion.samplers.base import Move, TimestepSampler
 
 
-class DDPMSampler(Sampler):
+class DDPMSampler(TimestepSampler):
     """Ancestral sampling of Ho et al. 2020 (Algorithm 2).
 
     x_{t-1} = mu~_t(x_t, x0_theta) + sigma_t z, with mu~ the posterior mean (Eq. 7) and

@@ -6,10 +6,10 @@ import math
 
 from torch import Tensor
 
-from ddpm.diffusion.samplers.base import Move, Sampler
+from ddpm.diffusion.samplers.base import Move, TimestepSampler
 
 
-class DPMSolverSampler(Sampler):
+class DPMSolverSampler(TimestepSampler):
     """DPM-Solver++(2M), the second-order multistep solver in data prediction (Lu et al.
     2022, "DPM-Solver++", Algorithm 2), for the diffusion ODE or, with ``solver="sde"``,
     the reverse SDE: SDE-DPM-Solver++(2M) (k-diffusion's ``dpmpp_2m_sde``, diffusers'
