@@ -1,6 +1,7 @@
 """The UNet noise-prediction backbone of Ho et al. 2020 (Appendix B), PixelCNN++-style.
 
-It maps (x [B, C, H, W], t [B]) to a tensor of x's shape and knows nothing of diffusion.
+It maps (x [B, C, H, W], t [B][, y, aug]) to a tensor of x's shape and knows nothing of
+diffusion: t is any real-valued noise label (a timestep, or EDM's c_noise = ln(sigma) / 4).
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         num_classes: int = 0,
         init: str = "torch",
+        augment_dim: int = 0,
     ) -> None:
         super().__init__()
         channel_mults = tuple(channel_mults)
@@ -171,6 +173,12 @@ class UNet(nn.Module):
         # prediction of classifier-free guidance (Ho & Salimans 2022, Sec. 3.2).
         self.num_classes = num_classes
         self.class_embed = nn.Embedding(num_classes + 1, temb_ch) if num_classes else None
+        if not isinstance(augment_dim, int) or augment_dim < 0:
+            raise ValueError(f"model.augment_dim={augment_dim!r} must be an integer >= 0")
+        self.augment_dim = augment_dim
+        self.augment_embed = (
+            nn.Linear(augment_dim, base_channels, bias=False) if augment_dim else None
+        )
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def level_block(in_ch: int, out_ch: int, res: int) -> LevelBlock:
@@ -214,10 +222,20 @@ class UNet(nn.Module):
         if init == "ho":
             ho_init(self)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """Predict from x_t [B, C, H, W] at timesteps t [B]; ``y`` [B] are class labels of a
-        conditional net (-1: no label, the unconditional prediction)."""
-        temb = self.time_embed(timestep_embedding(t, self.base_channels))  # [B, 4 * base]
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor | None = None, aug: Tensor | None = None
+    ) -> Tensor:
+        """Predict from x_t [B, C, H, W] at noise labels t [B]; ``y`` [B] are class labels of
+        a conditional net (-1: no label, the unconditional prediction), ``aug`` [B, A] the
+        augmentation labels of a net built with ``augment_dim`` = A (None: no augmentation)."""
+        emb = timestep_embedding(t, self.base_channels)  # [B, base]
+        if aug is not None:
+            if self.augment_embed is None:
+                raise ValueError(
+                    "this model takes no augmentation labels (model.augment_dim=0): pass aug=None"
+                )
+            emb = emb + self.augment_embed(aug.to(emb.dtype))  # [B, A] -> [B, base]
+        temb = self.time_embed(emb)  # [B, 4 * base]
         if self.class_embed is not None:
             if y is None:
                 raise ValueError(
@@ -256,7 +274,8 @@ def ho_init(net: UNet) -> None:
     for module in net.modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
             nn.init.xavier_uniform_(module.weight)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:  # the augmentation map has none
+                nn.init.zeros_(module.bias)
     for module in net.modules():
         zeroed = []
         if isinstance(module, ResBlock):

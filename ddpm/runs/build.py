@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, WeightAveraging
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.runs.checkpoints import read_checkpoint, state_dict_mismatch
 from ddpm.runs.errors import UsageError
@@ -40,9 +40,15 @@ warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transf
 
 
 def build_module(cfg: DictConfig) -> DiffusionModule:
-    """Instantiate net, schedule, objective, sampler and the module from a run config."""
+    """Instantiate net, schedule, objective, sampler, augmentation and the module from a
+    run config. With augmentation on, the net's ``augment_dim`` is set from the pipe (and
+    recorded in ``cfg``, which the checkpoint stores)."""
     image_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     lr_scheduler = cfg.get("lr_scheduler")
+    augment = instantiate(cfg.augment) if cfg.get("augment") is not None else None
+    if augment is not None:
+        with open_dict(cfg):
+            cfg.model.augment_dim = augment.dim
     return DiffusionModule(
         net=instantiate(cfg.model),
         schedule=instantiate(cfg.schedule),
@@ -57,6 +63,7 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         compile=bool(cfg.get("compile", False)),
         channels_last=bool(cfg.get("channels_last", False)),
         compile_backend=str(cfg.get("compile_backend", "inductor")),
+        augment=augment,
     )
 
 

@@ -1,4 +1,5 @@
-"""The validation loss split by timestep range: scalars and a bar chart."""
+"""The validation loss split by noise level (timestep or sigma range): scalars and a bar
+chart."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from ddpm.utils.images import bar_chart, save_png
 
 
 class LossByTimestep(L.Callback):
-    """Validation loss split into ``num_buckets`` equal ranges of t: scalars
-    ``val_loss_by_t/tLO-HI`` and a bar chart (``loss_by_t/step=S.png``) per validation.
-    Low t is denoising fine detail; high t is inventing structure from near-pure noise."""
+    """Validation loss split into ``num_buckets`` ranges of the noise level: equal ranges
+    of t for ``DiffusionLoss`` (scalars ``val_loss_by_t/tLO-HI``, chart
+    ``loss_by_t/step=S.png``), of ln(sigma) for ``EDMLoss`` (``val_loss_by_sigma/sigmaLO-HI``,
+    ``loss_by_sigma/step=S.png``); the objective decides the buckets. Low noise is
+    denoising fine detail; high noise is inventing structure from near-pure noise."""
 
     def __init__(self, num_buckets: int = 10) -> None:
         if num_buckets < 1:
@@ -35,8 +38,8 @@ class LossByTimestep(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        t, loss = outputs["t"], outputs["per_sample_loss"].float()
-        bucket = t * self.num_buckets // pl_module.schedule.num_timesteps
+        level, loss = outputs["level"], outputs["per_sample_loss"].float()
+        bucket = pl_module.objective.bucket(level, self.num_buckets, pl_module.schedule)
         self._sum.index_add_(0, bucket, loss)
         self._count.index_add_(0, bucket, torch.ones_like(loss))
 
@@ -46,17 +49,15 @@ class LossByTimestep(L.Callback):
         total = trainer.strategy.reduce(self._sum, reduce_op="sum")
         count = trainer.strategy.reduce(self._count, reduce_op="sum")
         mean = total / count.clamp(min=1)
-        num_timesteps = pl_module.schedule.num_timesteps
-        labels = []
-        for i in range(self.num_buckets):
-            lo = i * num_timesteps // self.num_buckets
-            hi = (i + 1) * num_timesteps // self.num_buckets - 1
-            labels.append(f"{lo}-{hi}")
+        name = pl_module.objective.level_name  # t or sigma
+        labels = pl_module.objective.bucket_labels(self.num_buckets, pl_module.schedule)
+        for i, label in enumerate(labels):
             if count[i] > 0:
-                pl_module.log(f"val_loss_by_t/t{lo:04d}-{hi:04d}", mean[i], sync_dist=False)
+                pl_module.log(f"val_loss_by_{name}/{name}{label}", mean[i], sync_dist=False)
         if trainer.is_global_zero:
-            chart = bar_chart(
-                mean.tolist(), labels, title=f"val loss by t, step {trainer.global_step}"
+            step = trainer.global_step
+            chart = bar_chart(mean.tolist(), labels, title=f"val loss by {name}, step {step}")
+            save_png(chart, run_dir(trainer) / f"loss_by_{name}" / f"step={step:07d}.png")
+            log_image(
+                trainer.loggers, f"val/loss_by_{'timestep' if name == 't' else name}", chart, step
             )
-            save_png(chart, run_dir(trainer) / "loss_by_t" / f"step={trainer.global_step:07d}.png")
-            log_image(trainer.loggers, "val/loss_by_timestep", chart, trainer.global_step)

@@ -14,7 +14,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
-from ddpm.diffusion.objectives import DiffusionLoss, fixed_timesteps_and_noise
+from ddpm.data.augment import AugmentPipe
+from ddpm.diffusion.objectives import DiffusionLoss, EDMLoss
 from ddpm.diffusion.rng import sample_generators, step_seed
 from ddpm.diffusion.samplers import Sampler, StepHook
 from ddpm.diffusion.schedules import NoiseSchedule
@@ -26,6 +27,11 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 class DiffusionModule(L.LightningModule):
     """Trains ``net`` to denoise under ``schedule`` with ``objective``; draws with ``sampler``.
 
+    ``objective`` is ``DiffusionLoss`` (Ho et al.'s discrete-time loss) or ``EDMLoss``
+    (Karras et al.'s preconditioned denoiser); the samplers call what its
+    ``sampling_model`` makes of the net. ``augment`` (non-leaky augmentation) transforms
+    the training images and hands its labels to the net.
+
     ``config`` (the resolved run config, plain containers) is saved as the checkpoint's
     hyper-parameters, so a checkpoint alone rebuilds the model
     (``ddpm.runs.build.load_module``).
@@ -35,7 +41,7 @@ class DiffusionModule(L.LightningModule):
         self,
         net: nn.Module,
         schedule: NoiseSchedule,
-        objective: DiffusionLoss,
+        objective: DiffusionLoss | EDMLoss,
         sampler: Sampler,
         optimizer: OptimizerFactory,
         lr_scheduler: SchedulerFactory | None = None,
@@ -46,6 +52,7 @@ class DiffusionModule(L.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         compile_backend: str = "inductor",
+        augment: AugmentPipe | None = None,
     ) -> None:
         super().__init__()
         check = getattr(objective, "check_schedule", None)
@@ -53,7 +60,15 @@ class DiffusionModule(L.LightningModule):
             check(schedule)  # incompatible combinations fail here, before any training
         # Only plain values go to hparams: nn.Modules in hparams break load_from_checkpoint.
         self.save_hyperparameters(
-            ignore=["net", "schedule", "objective", "sampler", "optimizer", "lr_scheduler"]
+            ignore=[
+                "net",
+                "schedule",
+                "objective",
+                "sampler",
+                "optimizer",
+                "lr_scheduler",
+                "augment",
+            ]
         )
         self.net = net
         self.schedule = schedule
@@ -61,6 +76,7 @@ class DiffusionModule(L.LightningModule):
         self.sampler = sampler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.augment = augment
         self.image_shape = tuple(image_shape)
         self.val_seed = val_seed
         self.train_seed = train_seed
@@ -118,9 +134,12 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         x0, y = batch[0], (batch[1] if self.num_classes else None)
+        aug = None
+        if self.augment is not None:
+            x0, aug = self.augment(x0)
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        loss = self.objective(self.train_net(), self.schedule, x0, y=y).mean()
+        loss = self.objective(self.train_net(), self.schedule, x0, y=y, aug=aug).mean()
         # Kept on the device; not a progress-bar value, which Lightning would turn into a
         # Python number (a host sync) at every step: ddpm.training.progress.ProgressBar shows it.
         self.log("train/loss", loss, on_step=True, on_epoch=False)
@@ -134,22 +153,28 @@ class DiffusionModule(L.LightningModule):
         return bool(getattr(connector, "should_update_logs", True))
 
     def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Loss on fixed (t, noise) per image; returns per-sample losses and timesteps too
-        (the loss-by-timestep chart reads them)."""
+        """Loss on a fixed noise level (t or sigma) and noise per image; returns per-sample
+        losses and levels too (the loss-by-noise-level chart reads them)."""
         x0, labels, index = batch
-        t, noise = fixed_timesteps_and_noise(
-            index.cpu(), x0.shape[1:], self.schedule.num_timesteps, self.val_seed
+        level, noise = self.objective.fixed_levels(
+            index.cpu(), x0.shape[1:], self.schedule, self.val_seed
         )
-        t = t.to(x0.device)
+        level = level.to(x0.device)
         y = labels if self.num_classes else None
         per_sample = self.objective(
-            self.net, self.schedule, x0, t, noise.to(x0.device, x0.dtype), y=y, drop_labels=False
+            self.net,
+            self.schedule,
+            x0,
+            level,
+            noise.to(x0.device, x0.dtype),
+            y=y,
+            drop_labels=False,
         )
         loss = per_sample.mean()
         self.log(
             "val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=x0.shape[0]
         )
-        return {"loss": loss, "per_sample_loss": per_sample, "t": t}
+        return {"loss": loss, "per_sample_loss": per_sample, "level": level}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the global gradient norm (before clipping) when the loggers write."""
@@ -186,6 +211,7 @@ class DiffusionModule(L.LightningModule):
         indices = list(range(indices)) if isinstance(indices, int) else list(indices)
         label_list = self.labels_for(indices, labels, guidance_scale)
         sampler = sampler or self.sampler
+        model = self.objective.sampling_model(self.net, self.schedule)
         batch_size = batch_size or max(1, len(indices))
         was_training = self.net.training
         self.net.eval()
@@ -199,7 +225,7 @@ class DiffusionModule(L.LightningModule):
                     else None
                 )
                 x = sampler.sample(
-                    self.net,
+                    model,
                     self.schedule,
                     (len(batch), *self.image_shape),
                     prediction_type=self.objective.prediction_type,
