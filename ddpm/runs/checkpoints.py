@@ -24,7 +24,15 @@ from ddpm.utils.files import atomic_torch_save
 
 # The config keys that fix the network's parameter shapes and what its output means: a
 # checkpoint whose values differ here cannot continue (or be sampled as) this run.
-ARCHITECTURE_KEYS = ("model", "data.image_size", "data.channels", "objective.prediction_type")
+ARCHITECTURE_KEYS = (
+    "model",
+    "data.image_size",
+    "data.channels",
+    "objective._target_",
+    "objective.prediction_type",
+    "objective.preconditioning._target_",
+    "objective.preconditioning.sigma_data",
+)
 # How fresh weights are drawn: a run continued from a checkpoint loads its weights instead,
 # so these may differ (checkpoints from before model.init existed were PyTorch-initialised).
 NOT_ARCHITECTURE = ("model.init",)

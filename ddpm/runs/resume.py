@@ -116,7 +116,14 @@ def apply_resume(cfg: DictConfig, overrides: list[str], groups: set[str]) -> Dic
 
 
 # Filled in at run time, so a fresh composition cannot match them.
-_RUNTIME_KEYS = ("seed", "data.shuffle_seed", "model.num_classes", "resume", "ckpt_path")
+_RUNTIME_KEYS = (
+    "seed",
+    "data.shuffle_seed",
+    "model.num_classes",
+    "model.augment_dim",
+    "resume",
+    "ckpt_path",
+)
 
 
 def _check_same_run(

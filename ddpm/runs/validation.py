@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ddpm.diffusion.samplers.edm import SIGMA_TO_T
 from ddpm.nets.unet import INITS
 from ddpm.training.precision import run_device
 
@@ -151,6 +152,29 @@ RULES: dict[str, tuple[Check, str]] = {
     "data.channels": (lambda v: v in (1, 3), "1 (grey) or 3 (RGB)"),
     "objective.cond_drop_prob": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "objective.min_snr_gamma": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "objective.preconditioning.sigma_data": (
+        lambda v: _is_num(v) and v > 0,
+        "a number > 0 (the data's standard deviation; EDM: 0.5)",
+    ),
+    "objective.preconditioning.p_mean": (lambda v: _is_num(v), "a number (EDM: -1.2)"),
+    "objective.preconditioning.p_std": (lambda v: _is_num(v) and v > 0, "a number > 0 (EDM: 1.2)"),
+    "schedule.sigma_min": (lambda v: _is_num(v) and v > 0, "a number > 0 (EDM: 0.002)"),
+    "schedule.sigma_max": (lambda v: _is_num(v) and v > 0, "a number > 0 (EDM: 80)"),
+    "schedule.rho": (lambda v: _is_num(v) and v > 0, "a number > 0 (EDM: 7)"),
+    "sampler.sigma_min": (lambda v: _is_num(v) and v > 0, "a number > 0 (EDM: 0.002)"),
+    "sampler.sigma_max": (lambda v: _is_num(v) and v > 0, "a number > 0 (EDM: 80)"),
+    "sampler.rho": (lambda v: _is_num(v) and v > 0, "a number > 0 (EDM: 7)"),
+    "sampler.s_churn": (lambda v: _is_num(v) and v >= 0, "a number >= 0 (0: no churn)"),
+    "sampler.s_min": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "sampler.s_max": (lambda v: v is None or (_is_num(v) and v >= 0), "a number >= 0, or null"),
+    "sampler.s_noise": (lambda v: _is_num(v) and v >= 0, "a number >= 0 (EDM: 1)"),
+    "sampler.sigma_to_t": (lambda v: v in SIGMA_TO_T, f"one of {', '.join(SIGMA_TO_T)}"),
+    "augment.p": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1] (EDM: 0.12)"),
+    **{
+        f"augment.{key}": (lambda v: _is_num(v) and v >= 0, "a number >= 0 (a multiplier of p)")
+        for key in ("xflip", "yflip", "rotate_int", "translate_int", "scale", "scale_std")
+    },
+    "augment.translate_int_max": (lambda v: _is_num(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
     "trainer.num_sanity_val_steps": (lambda v: _is_int(v) and v >= -1, "an integer >= -1"),
     "trainer.benchmark": (lambda v: v in (True, False, None), "true, false or null"),
     "eval.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
