@@ -219,6 +219,12 @@ def test_bad_input_fails_fast_with_one_clear_line(script, args, expected, tmp_pa
         ),
         (["sampler=ddim", "sampler.eta=2"], "sampler.eta=2 must lie in [0, 1]"),
         (["objective.weighting=snr"], "objective.weighting='snr' is unknown"),
+        (
+            ["objective=edm", "schedule=linear", "schedule.zero_terminal_snr=true"],
+            "objective=edm samples on the schedule's sigma grid",
+        ),
+        (["sampler=edm", "sampler.sigma_min=90"], "sampler.sigma_min=90 and sampler.sigma_max"),
+        (["augment=edm", "augment.p=2"], "augment.p=2 is not allowed: it must be a number in"),
     ],
 )
 def test_bad_values_raised_while_building_give_the_line_train_py_prints(args, expected, tmp_path):
@@ -283,16 +289,18 @@ def test_quality_vs_steps_benchmark_runs_on_a_checkpoint(trained, tmp_path):
     out = tmp_path / "bench"
     script = str(ROOT / "benchmarks" / "quality_vs_steps.py")
     ckpt = str(run_dir / "checkpoints" / "last.ckpt")
-    specs = ["ddim-3", "dpm_solver-3:solver=ode,spacing=logsnr"]
+    specs = ["ddim-3", "dpm_solver-3:solver=ode,spacing=logsnr", "edm-2:s_churn=5"]
     args = ["--ckpt", ckpt, "--num-samples", "8", "--batch-size", "4", "--out", str(out)]
     result = subprocess.run(
         [sys.executable, script, *args, *specs], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [(r["spec"], r["nfe"]) for r in rows] == [(specs[0], 3), (specs[1], 3)]
+    # Heun: 2 steps - 1 evaluations
+    assert [(r["spec"], r["nfe"]) for r in rows] == [(specs[0], 3), (specs[1], 3), (specs[2], 3)]
     assert all(np.isfinite(r["fid"]) and r["ms_per_image"] > 0 for r in rows)
-    assert (out / "fid_vs_nfe.png").is_file() and (out / f"grid_{specs[1]}.png").is_file()
+    assert (out / "fid_vs_nfe.png").is_file()
+    assert (out / "grid_dpm_solver-3_solver=ode_spacing=logsnr.png").is_file()  # portable name
     assert "| ddim-3 | 3 |" in (out / "table.md").read_text()
     bad = subprocess.run(
         [sys.executable, script, "--ckpt", ckpt, "--out", str(out), "ddim"],
@@ -330,3 +338,38 @@ def test_class_conditional_run_samples_requested_classes(trained, tmp_path):
         f"out_dir={tmp_path / 'plain'}", cwd=tmp_path,
     )  # fmt: skip
     assert plain.returncode == 2 and "this checkpoint is unconditional" in plain.stderr
+
+
+def test_edm_preset_trains_with_the_default_callbacks_and_samples_from_the_checkpoint(tmp_path):
+    """experiment=digits_edm through train.py (EMA, grids, FID, loss by sigma, checkpoints
+    on), then sample.py with nothing but the checkpoint: its stored config rebuilds the
+    preconditioning; DDIM and DPM-Solver++ sample the EDM-trained net too."""
+    run_dir = tmp_path / "edm"
+    tiny = [o for o in TINY if not o.startswith("eval.sampler")]  # val/fid uses the run's
+    result = run_entry(
+        "train.py", "experiment=digits_edm", *tiny, "sampler.steps=3", "logger=csv",
+        f"hydra.run.dir={run_dir}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    config = torch.load(ckpt, weights_only=True)["hyper_parameters"]["config"]
+    assert config["objective"]["_target_"] == "ddpm.diffusion.objectives.EDMLoss"
+    assert config["objective"]["preconditioning"]["sigma_data"] > 0
+    assert config["schedule"]["name"] == "edm" and config["sampler"]["steps"] >= 1
+    assert config.get("augment") is None and "augment_dim" not in config["model"]  # measured off
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    assert any(r.get("val/fid") for r in rows)
+    assert any(k.startswith("val_loss_by_sigma/sigma") and r[k] for r in rows for k in r)
+    assert len(list((run_dir / "loss_by_sigma").glob("step=*.png"))) == 2
+    assert len(list((run_dir / "samples").glob("grid_epoch=*_step=*.png"))) == 2
+    for name, extra in (("edm", []), ("ddim", ["sampler=ddim", "sampler.steps=4"])):
+        out = tmp_path / name
+        drawn = run_entry(
+            "sample.py", f"ckpt_path={ckpt}", f"out_dir={out}", "num_samples=3", *extra,
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert drawn.returncode == 0, drawn.stderr[-3000:]
+        images = np.load(out / "samples.npz")["images"]
+        assert images.shape == (3, 8, 8, 1) and images.std() > 0
+        used = json.loads((out / "samples.json").read_text())["sampler"]["name"]
+        assert used == ("EDMSampler" if name == "edm" else "DDIMSampler")

@@ -20,11 +20,13 @@ def options(group: str) -> list[str]:
 
 def test_groups_have_the_documented_options():
     assert options("model") == ["base", "ddpm_cifar10", "small", "tiny"]
-    assert options("schedule") == ["cosine", "linear", "scaled_linear", "sigmoid"]
+    assert options("schedule") == ["cosine", "edm", "linear", "scaled_linear", "sigmoid"]
     assert options("precision") == ["16-mixed", "32-true", "auto", "bf16-mixed"]
     assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
     assert options("logger") == ["csv", "none", "tensorboard", "wandb"]
-    assert options("sampler") == ["ddim", "ddpm", "dpm_solver"]
+    assert options("sampler") == ["ddim", "ddpm", "dpm_solver", "edm"]
+    assert options("objective") == ["ddpm", "edm", "edm_iddpm", "edm_ve", "edm_vp"]
+    assert options("augment") == ["edm"]
     assert options("data") == ["cifar10", "digits", "fashion_mnist", "folder", "mnist"]
 
 
@@ -62,6 +64,22 @@ def test_every_sampler_trains_and_samples(option, tmp_path):
     assert grid.last_path is not None and grid.last_path.is_file()
     assert list((tmp_path / "samples").glob("trajectory_step=*.png"))
     assert type(module.sampler).__name__.lower().startswith(option.replace("_", "")[:4])
+    images = module.sample(2, seed=0)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("option", options("objective"))
+def test_every_objective_trains_and_samples(option, tmp_path):
+    """Each objective with non-leaky augmentation on: the net gets the augmentation labels
+    (model.augment_dim recorded in the config), the samplers its sampling model."""
+    cfg = compose_train([*TINY, f"objective={option}", "augment=edm", "sampler.steps=3"], tmp_path)
+    module = fit_one_step(cfg, tmp_path)
+    assert cfg.model.augment_dim == 7 and module.net.augment_dim == 7
+    assert module.hparams.config["model"]["augment_dim"] == 7
+    expected = "DiffusionLoss" if option == "ddpm" else "EDMLoss"
+    assert type(module.objective).__name__ == expected
+    if option != "ddpm":  # EDM's framework brings its grid and its sampler
+        assert cfg.schedule.name == "edm" and type(module.sampler).__name__ == "EDMSampler"
     images = module.sample(2, seed=0)
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
 
