@@ -31,6 +31,9 @@ from ddpm.runs.build import load_module
 from ddpm.utils.images import line_chart, make_grid, save_png, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
+# EDM's stochastic settings for ImageNet-64 (NVlabs/edm README: --S_churn=40 --S_min=0.05
+# --S_max=50 --S_noise=1.003, there with 256 steps)
+CHURN = "s_churn=40,s_min=0.05,s_max=50,s_noise=1.003"
 DEFAULT_SPECS = [
     "ddpm-1000",
     "ddpm-250",
@@ -40,6 +43,11 @@ DEFAULT_SPECS = [
     "ddim-100",
     "dpm_solver-10",
     "dpm_solver-20",
+    *[f"edm-{n}" for n in (5, 10, 18)],
+    *[f"edm-{n}:{CHURN}" for n in (5, 10, 18)],
+    *[f"edm-{n}:clip_denoised=true" for n in (5, 10, 18)],
+    "edm-18:clip_denoised=true,sigma_to_t=nearest",
+    *[f"edm-{n}:clip_denoised=true,{CHURN}" for n in (10, 18)],
 ]
 
 
@@ -56,6 +64,23 @@ def build_sampler(spec: str) -> object:
         key, _, value = item.partition("=")
         OmegaConf.update(cfg, key, OmegaConf.create(f"v: {value}").v)
     return instantiate(cfg)
+
+
+def series_name(spec: str) -> str:
+    """A short legend name: ``edm-18:clip_denoised=true,s_churn=40,...`` -> ``edm+clip+churn``."""
+    head, _, extra = spec.partition(":")
+    tags = []
+    for item in filter(None, extra.split(",")):
+        key, _, value = item.partition("=")
+        if key in ("s_min", "s_max", "s_noise"):
+            continue  # part of the churn settings
+        tags.append({"clip_denoised": "clip", "s_churn": "churn"}.get(key, value))
+    return "+".join([re.sub(r"-\d+$", "", head), *tags])
+
+
+def file_name(spec: str) -> str:
+    """The spec as a portable file name (no ':' or ',')."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
 
 
 def train_default(run_dir: Path) -> Path:
@@ -99,7 +124,7 @@ def main() -> None:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         metrics = fid_kid(reference, extract_features(extractor, images, device=device))
-        save_png(make_grid(to_uint8(images[:64])), args.out / f"grid_{spec}.png")
+        save_png(make_grid(to_uint8(images[:64])), args.out / f"grid_{file_name(spec)}.png")
         row = {
             "spec": spec,
             "nfe": nfe,
@@ -126,8 +151,10 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps({"ckpt": str(ckpt), "rows": rows}, indent=2))
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        series.setdefault(re.sub(r"-\d+", "", r["spec"]), []).append((r["nfe"], r["fid"]))
-    chart = line_chart(series, "FID vs network evaluations", "NFE (log)", "FID")
+        series.setdefault(series_name(r["spec"]), []).append((r["nfe"], r["fid"]))
+    cap = 4 * min(r["fid"] for r in rows)  # a sampler that fails must not flatten the rest
+    title = f"FID vs network evaluations (FID above {cap:.0f} drawn at the top)"
+    chart = line_chart(series, title, "NFE (log)", "FID", y_max=cap)
     save_png(chart, args.out / "fid_vs_nfe.png")
     print(table)
 

@@ -103,8 +103,10 @@ def line_chart(
     x_label: str = "",
     y_label: str = "",
     log_x: bool = True,
+    y_max: float | None = None,
 ) -> np.ndarray:
-    """A small RGB line chart [H, W, 3] of named (x, y) series, drawn with PIL."""
+    """A small RGB line chart [H, W, 3] of named (x, y) series, drawn with PIL; with
+    ``y_max``, the y axis stops there and larger values are drawn on its top edge."""
     from PIL import ImageDraw
 
     width, height, left, right, top, bottom = 640, 400, 60, 170, 30, 50
@@ -115,10 +117,12 @@ def line_chart(
     ys = [y for _, y in points]
     x_lo, x_hi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y_hi = max(ys) * 1.05 if ys and max(ys) > 0 else 1.0
+    if y_max is not None:
+        y_hi = min(y_hi, y_max)
 
     def to_px(x: float, y: float) -> tuple[float, float]:
         fx = ((np.log10(x) if log_x else x) - x_lo) / (x_hi - x_lo)
-        return left + fx * (width - left - right), height - bottom - y / y_hi * (
+        return left + fx * (width - left - right), height - bottom - min(y, y_hi) / y_hi * (
             height - top - bottom
         )
 
@@ -128,10 +132,23 @@ def line_chart(
     draw.text((4, height - bottom - 10), "0", fill="black")
     draw.text((4, top + 14), y_label, fill="black")
     draw.text((width - right - 120, height - 20), x_label, fill="black")
+    last_px = -1e9
     for x in sorted({x for x, _ in points}):
         px, _ = to_px(x, 0)
+        if px - last_px < 24:  # skip a tick label that would overprint its neighbour
+            continue
         draw.text((px - 8, height - bottom + 4), f"{x:g}", fill="black")
-    colours = [(66, 110, 180), (200, 80, 60), (60, 160, 90), (150, 90, 170), (200, 150, 40)]
+        last_px = px
+    colours = [
+        (66, 110, 180),
+        (200, 80, 60),
+        (60, 160, 90),
+        (150, 90, 170),
+        (200, 150, 40),
+        (40, 170, 190),
+        (120, 120, 120),
+        (220, 90, 160),
+    ]
     for i, (name, pts) in enumerate(series.items()):
         colour = colours[i % len(colours)]
         pixels = [to_px(x, y) for x, y in sorted(pts) if np.isfinite(y)]
