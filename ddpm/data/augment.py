@@ -32,7 +32,7 @@ class AugmentPipe:
       with mirrored borders; labels the shift / its maximum.
     - ``scale``: zoom by 2^(``scale_std`` w), w ~ N(0, 1), bilinear with mirrored
       borders; label w. (EDM resamples through a wavelet-filtered 2x grid; this is a
-      plain bilinear resample, noted in docs/training.md.)
+      plain bilinear resample, noted in docs/edm.md.)
     """
 
     dim = AUGMENT_DIM
