@@ -56,7 +56,7 @@ def test_edm_sampler_recovers_the_data_at_18_steps(data, schedule_name, predicti
     """Its defaults (18 Heun steps = 35 NFE, rho = 7, sigma in [0.002, 80] clamped to the
     schedule's range) on an exact discrete-schedule denoiser. Measured (4,000 samples):
     mean error <= 0.006, std +4.2% (Gaussian) and +3.1% (mixture); DPM-Solver++(2M) ODE,
-    logsnr spacing, 35 steps: +0.3% and +0.4% (docs/sampling.md)."""
+    logsnr spacing, 35 steps: +0.3% and +0.4% (docs/edm.md)."""
     components = GAUSSIAN if data == "gaussian" else MIXTURE
     schedule = NoiseSchedule.from_name(schedule_name)
     sampler = EDMSampler()
