@@ -247,12 +247,11 @@ class EDMLoss:
     ) -> tuple[Tensor, Tensor]:
         """Validation's (sigma [B] float32, noise [B, *shape]) per image index, drawn from
         the training distribution of sigma with the index's own generator (CPU)."""
-        sigmas, noises = [], []
-        for index in torch.as_tensor(indices).tolist():
-            g = index_generator(seed, int(index))
-            sigmas.append(self.preconditioning.sample_sigma(1, generator=g))
-            noises.append(torch.randn(tuple(shape), generator=g))
-        return torch.cat(sigmas), torch.stack(noises)
+
+        def draw(g: torch.Generator) -> Tensor:
+            return self.preconditioning.sample_sigma(1, generator=g)
+
+        return per_index_levels_and_noise(indices, shape, draw, seed)
 
     def _edges(self, num_buckets: int) -> Tensor:
         lo, hi = self.preconditioning.log_sigma_range()
@@ -282,9 +281,24 @@ def fixed_timesteps_and_noise(
     triples every epoch, whatever the batch size or the number of processes.
     Returns CPU tensors t [B] (int64) and noise [B, *shape].
     """
-    ts, noises = [], []
+
+    def draw(g: torch.Generator) -> Tensor:
+        return torch.randint(0, num_timesteps, (1,), generator=g)
+
+    return per_index_levels_and_noise(indices, shape, draw, seed)
+
+
+def per_index_levels_and_noise(
+    indices: Sequence[int] | Tensor,
+    shape: Sequence[int],
+    draw_level: Callable[[torch.Generator], Tensor],
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """For each dataset index, a noise level ``draw_level(g)`` ([1]) and then a noise image
+    of ``shape``, both from that index's own generator: CPU tensors [B] and [B, *shape]."""
+    levels, noises = [], []
     for index in torch.as_tensor(indices).tolist():
         g = index_generator(seed, int(index))
-        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        levels.append(draw_level(g))
         noises.append(torch.randn(tuple(shape), generator=g))
-    return torch.cat(ts), torch.stack(noises)
+    return torch.cat(levels), torch.stack(noises)
