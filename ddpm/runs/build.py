@@ -29,6 +29,15 @@ def auto_precision() -> str:
 
 OmegaConf.register_new_resolver("ddpm.auto_precision", auto_precision, replace=True)
 OmegaConf.register_new_resolver("ddpm.cuda", torch.cuda.is_available, replace=True)
+
+
+def steps_per_part(max_steps: int, parts: int) -> int:
+    """``ceil(max_steps / parts)`` steps (power EMA's ``snapshot_every``: ``parts``
+    snapshots per run); 1,000 when the run has no step limit (``max_steps=-1``)."""
+    return max(1, -(-int(max_steps) // int(parts))) if int(max_steps) > 0 else 1000
+
+
+OmegaConf.register_new_resolver("ddpm.steps_per_part", steps_per_part, replace=True)
 # Lightning 2.6 on torch >= 2.10 warns about a torch-internal pytree API at every fit: noise.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 # The training batches' order is derived from the step (ddpm.data.batches), so mid-epoch

@@ -33,14 +33,19 @@ class HostCountedAveragedModel(AveragedModel):
         ours, ours_copied = self._split(self.module)
         theirs, theirs_copied = self._split(model)
         theirs = [t.to(a.device) for a, t in zip(ours, theirs, strict=True)]
-        if self._host_count == 0:
-            torch._foreach_copy_(ours, theirs)
-        else:
-            self.multi_avg_fn(ours, theirs, self.n_averaged)
+        self._average(ours, theirs)
         for avg, model_tensor in zip(ours_copied, theirs_copied, strict=True):
             avg.copy_(model_tensor.to(avg.device))
         self.n_averaged += 1  # on the device, no read
         self._host_count += 1
+
+    def _average(self, ours: list[Tensor], theirs: list[Tensor]) -> None:
+        """Fold the model's tensors ``theirs`` into the averages ``ours`` (in place); the
+        first update copies them."""
+        if self._host_count == 0:
+            torch._foreach_copy_(ours, theirs)
+        else:
+            self.multi_avg_fn(ours, theirs, self.n_averaged)
 
     def _split(self, module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         """(averaged, copied) tensors of ``module``. Parameters are averaged; buffers too
