@@ -182,7 +182,7 @@ def test_callbacks_instantiate_with_ema_then_guard_last(tmp_path):
     names = [type(cb).__name__ for cb in callbacks]
     # EMA after the validation-time callbacks; the guard after EMA, so a checkpoint it
     # writes at the end of a step includes that step's EMA update
-    assert names[-2:] == ["EMA", "TrainerGuard"]
+    assert names[-2:] == ["PowerEMA", "TrainerGuard"]  # ema=power, the default
     assert {
         "ModelCheckpoint",
         "SampleGrid",

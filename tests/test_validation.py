@@ -36,8 +36,12 @@ def test_every_shipped_config_passes():
         ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 is not allowed"),
         ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is not"),
         (
-            "callbacks.ema.decay=1.5",
+            "ema=standard callbacks.ema.decay=1.5",
             "callbacks.ema.decay=1.5 is not allowed: it must be a number in [0, 1)",
+        ),
+        (
+            "callbacks.ema.snapshot_every=0",
+            "callbacks.ema.snapshot_every=0 is not allowed: it must be an integer >= 1",
         ),
         (
             "callbacks.checkpoint.monitor=val/acc",
@@ -66,7 +70,7 @@ def test_every_shipped_config_passes():
 )
 def test_bad_values_are_named_with_what_is_allowed(override, expected):
     with pytest.raises(ConfigError) as info:
-        validate_config(compose_train([override], output_dir="/tmp/x"))
+        validate_config(compose_train(override.split(" "), output_dir="/tmp/x"))
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.runs.errors import UsageError, fail, user_error
 from ddpm.runs.loggers import finish_loggers
@@ -116,6 +116,9 @@ def _remove_fresh_job_dir() -> None:
 def sample(cfg: DictConfig) -> Path:
     """Draw ``num_samples`` images from ``ckpt_path`` into ``out_dir`` (see
     ``ddpm.runs.sampling.draw``); a bad value stops with one line. Returns the folder."""
+    if multirun():  # each job of a -m sweep writes to its own folder under out_dir
+        with open_dict(cfg):
+            cfg.out_dir = HydraConfig.get().runtime.output_dir
     plan = take_prepared(cfg)
     if plan is None:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,9 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm.diffusion.samplers.base import Sampler
 from ddpm.evaluation.metrics import evaluate_images
 from ddpm.runs.build import load_module
+from ddpm.runs.checkpoints import read_checkpoint
 from ddpm.runs.errors import UsageError
 from ddpm.runs.prepare import check_writable
 from ddpm.training.module import DiffusionModule
+from ddpm.training.posthoc_ema import check_sigma_rel, list_snapshots, reconstruct
 from ddpm.utils.images import class_grid, save_png, to_uint8
 
 
@@ -29,6 +32,7 @@ class SamplePlan:
     sampler: Sampler | None
     labels: list[int] | None
     guidance: float
+    posthoc: dict[str, Any] | None = None  # ema_std's reconstruction: std, step, snapshots
 
 
 def prepare_sample(cfg: DictConfig) -> SamplePlan:
@@ -44,9 +48,14 @@ def prepare_sample(cfg: DictConfig) -> SamplePlan:
                 f"{key}={value!r} is not allowed: it must be an integer >= {low}"
                 + (" (or null for all at once)" if key == "batch_size" else "")
             )
+    ema_std = cfg.get("ema_std")
+    if ema_std is not None:
+        check_sigma_rel(ema_std)
     check_writable(Path(cfg.out_dir))
     device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    module = load_module(cfg.ckpt_path).to(device)
+    module = load_module(cfg.ckpt_path)
+    posthoc = posthoc_ema(module, Path(cfg.ckpt_path), ema_std) if ema_std is not None else None
+    module = module.to(device)
     sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
     guidance = cfg.get("guidance_scale")
     if guidance is None:  # the scale the run's grids used (0 for unconditional runs)
@@ -54,7 +63,47 @@ def prepare_sample(cfg: DictConfig) -> SamplePlan:
         guidance = (stored.get("sample_grid") or {}).get("guidance_scale") or 0.0
         guidance = guidance if module.num_classes else 0.0
     labels = module.labels_for(range(int(cfg.num_samples)), cfg.get("class_label"), guidance)
-    return SamplePlan(module, sampler, labels, guidance)
+    return SamplePlan(module, sampler, labels, guidance, posthoc)
+
+
+def snapshot_folder(ckpt_path: Path, config: dict[str, Any]) -> Path:
+    """Where a power-EMA run's snapshots are: ``ema_snapshots`` in the checkpoint's run
+    folder (RUN/checkpoints/x.ckpt -> RUN/ema_snapshots, so a moved run folder works),
+    else the ``dirpath`` its config recorded."""
+    beside = ckpt_path.resolve().parent.parent / "ema_snapshots"
+    recorded = ((config.get("callbacks") or {}).get("ema") or {}).get("dirpath")
+    if list_snapshots(beside) or recorded is None:
+        return beside
+    return Path(recorded)
+
+
+def posthoc_ema(module: DiffusionModule, ckpt_path: Path, ema_std: float) -> dict[str, Any]:
+    """Load into ``module`` the EMA of length ``ema_std`` that post-hoc EMA reconstructs
+    (Karras et al. 2024, Algorithm 3) from the run's snapshots up to the checkpoint's
+    step; returns what was used (std, step, folder, number of snapshots)."""
+    step = int(read_checkpoint(ckpt_path)["global_step"])
+    folder = snapshot_folder(ckpt_path, module.hparams.config)
+    state, used_step = reconstruct(folder, step, float(ema_std))
+    own = module.state_dict()
+    foreign = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    if foreign:
+        raise UsageError(
+            f"the EMA snapshots in {folder} do not fit the network of {ckpt_path} "
+            f"(e.g. {foreign[0]}): they come from another run"
+        )
+    module.load_state_dict(state, strict=False)  # the averaged tensors; buffers stay
+    used = len([s for s in list_snapshots(folder) if s[0] <= used_step])
+    print(
+        f"post-hoc EMA: ema_std={float(ema_std)} at step {used_step} "
+        f"(checkpoint step {step}) from {used} snapshots in {folder}"
+    )
+    return {
+        "ema_std": float(ema_std),
+        "step": used_step,
+        "ckpt_step": step,
+        "snapshots": used,
+        "folder": str(folder),
+    }
 
 
 def draw(cfg: DictConfig, plan: SamplePlan) -> Path:
@@ -89,6 +138,7 @@ def draw(cfg: DictConfig, plan: SamplePlan) -> Path:
         "seed": int(cfg.seed),
         "class_label": cfg.get("class_label"),
         "guidance_scale": guidance,
+        "posthoc_ema": plan.posthoc,
         "sampler": {
             "name": type(used).__name__,
             **{k: v for k, v in vars(used).items() if not k.startswith("_")},

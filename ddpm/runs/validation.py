@@ -127,6 +127,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "lr_scheduler.start_factor": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
     "callbacks.ema.decay": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "callbacks.ema.update_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "callbacks.ema.snapshot_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "callbacks.checkpoint.monitor": (
         lambda v: v is None or v in METRICS,
         f"one of {', '.join(METRICS)}, or null",

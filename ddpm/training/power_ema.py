@@ -10,6 +10,7 @@ of any other length from those files after training (``sample.py ema_std=...``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from ddpm.training.posthoc_ema import (
 )
 from ddpm.utils.files import atomic_torch_save
 
+log = logging.getLogger(__name__)
 SNAPSHOT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -151,6 +153,25 @@ class PowerEMA(EMA):
         if self._average_model is not None and self._latest_update_step > 0:
             self._write_snapshots(trainer, self._latest_update_step)
         super().on_train_end(trainer, pl_module)
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Lightning restores the first average; a checkpoint without this callback's state
+        (trained with ema=standard or without EMA, given as ckpt_path) has none of the
+        others, so they start from that average too (``load_state_dict``, which Lightning
+        calls after this, overwrites them when the state is there)."""
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        model = self._average_model
+        if model is not None and self.state_key not in checkpoint.get("callbacks", {}):
+            first = model.tracked()[0]
+            for tensors in model.others:
+                torch._foreach_copy_(tensors, first)
+            if model.others:
+                log.warning(
+                    "the checkpoint has no power-EMA state: every tracked EMA starts from "
+                    "its EMA weights (or its weights, without EMA)"
+                )
 
     def _write_snapshots(self, trainer: L.Trainer, step: int) -> None:
         """One file per tracked std at ``step`` (rank 0 only; atomic, like checkpoints)."""
