@@ -95,7 +95,9 @@ def test_interrupted_and_resumed_run_equals_the_straight_run(tmp_path):
     _train(split, tmp_path, *common, "trainer.max_steps=6")
     first = _load(split / "checkpoints" / "last.ckpt")
     assert first["global_step"] == 6  # saved at the end, before any validation
-    assert _max_diff(first["state_dict"], first["current_model_state"]) > 1e-4  # raw kept
+    assert (
+        _max_diff(first["state_dict"], first["current_model_state"]) > 1e-6
+    )  # raw kept (power EMA 0.15 is near the raw weights at step 6)
 
     ckpt = f"ckpt_path={split}/checkpoints/last.ckpt"
     _train(moved, tmp_path, *common, ckpt, "trainer.max_steps=12", "logger=csv")
@@ -105,7 +107,7 @@ def test_interrupted_and_resumed_run_equals_the_straight_run(tmp_path):
         b = _load(other / "checkpoints" / "last.ckpt")
         _same_state(a, b)
         assert b["optimizer_states"][0]["state"][0]["step"].item() == 12
-    assert _max_diff(a["state_dict"], a["current_model_state"]) > 1e-4
+    assert _max_diff(a["state_dict"], a["current_model_state"]) > 1e-6
     assert len(list((split / "samples").glob("grid_*.png"))) == 1  # the validation at 8
 
     # one W&B run, continued; the first invocation's record and config are kept
@@ -150,7 +152,7 @@ def test_validation_does_not_change_training(tmp_path):
     no_guard = states["no_guard"]
     assert _max_diff(none["current_model_state"], no_guard["current_model_state"]) <= 1e-6
     assert _max_diff(none["state_dict"], no_guard["state_dict"]) <= 1e-6
-    assert _max_diff(none["state_dict"], none["current_model_state"]) > 1e-4
+    assert _max_diff(none["state_dict"], none["current_model_state"]) > 1e-6
 
 
 def _resume_cfg(run: Path, *overrides: str):
@@ -273,7 +275,7 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes(signum, tmp_path):
     stderr, step = _interrupt(run, signum, [], tmp_path)
     assert f"stopped by {signal.Signals(signum).name} after step {step};" in stderr
     ckpt = _load(run / "checkpoints" / "last.ckpt")  # the raw weights, not the EMA twice
-    assert _max_diff(ckpt["state_dict"], ckpt["current_model_state"]) > 1e-4
+    assert _max_diff(ckpt["state_dict"], ckpt["current_model_state"]) > 1e-6
     epochs = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]
     assert epochs["started"] == epochs["completed"] + 1  # saved mid-epoch, not closed
     assert f"Continue with: python train.py resume={run}" in stderr and step >= 5
