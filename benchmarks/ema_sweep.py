@@ -78,10 +78,11 @@ def main() -> None:
     extractor = build_feature_extractor(extractor_name)
     _, reference = data_reference(datamodule, "train", extractor_name, extractor, device)
 
-    def score(name: str, net: DiffusionModule) -> float:
+    def score(name: str, net: DiffusionModule, file: str | None = None) -> float:
+        """FID of ``net``'s samples; their first 64 go to OUT/grid_{file or name}.png."""
         images = net.to(device).sample(args.num_samples, seed=args.seed, batch_size=args.batch_size)
         fid = fid_kid(reference, extract_features(extractor, images, device=device))["fid"]
-        save_png(make_grid(to_uint8(images[:64])), out / f"grid_{name}.png")
+        save_png(make_grid(to_uint8(images[:64])), out / f"grid_{file or name}.png")
         print(f"{name:24s} FID {fid:7.2f}", flush=True)
         return fid
 
@@ -101,7 +102,7 @@ def main() -> None:
                 "name": f"ema_std={std:g}",
                 "ema_std": std,
                 "step": used["step"],
-                "fid": score(f"ema_std={std:g}", module),
+                "fid": score(f"ema_std={std:g}", module, f"ema_std_{std:g}"),
             }
         )
     best = min(sweep, key=lambda r: r["fid"])
