@@ -101,7 +101,7 @@ class PowerEMA(EMA):
         if isinstance(stds, (int, float)):
             stds = [stds]
         if isinstance(stds, str) or not isinstance(stds, Sequence) or len(stds) == 0:
-            raise ValueError("callbacks.ema.stds must list at least one std, e.g. [0.05,0.1]")
+            raise ValueError("callbacks.ema.stds must list at least one std, e.g. [0.15,0.05]")
         self.stds = [check_sigma_rel(s, "callbacks.ema.stds") for s in stds]
         if len({f"{s:.3f}" for s in self.stds}) != len(self.stds):
             raise ValueError(f"callbacks.ema.stds={stds} repeats a std (to 3 decimals)")
