@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm.diffusion.samplers.base import Sampler
 from ddpm.evaluation.metrics import evaluate_images
 from ddpm.runs.build import load_module
-from ddpm.runs.checkpoints import read_checkpoint
 from ddpm.runs.errors import UsageError
 from ddpm.runs.prepare import check_writable
 from ddpm.training.module import DiffusionModule
@@ -81,7 +80,10 @@ def posthoc_ema(module: DiffusionModule, ckpt_path: Path, ema_std: float) -> dic
     """Load into ``module`` the EMA of length ``ema_std`` that post-hoc EMA reconstructs
     (Karras et al. 2024, Algorithm 3) from the run's snapshots up to the checkpoint's
     step; returns what was used (std, step, folder, number of snapshots)."""
-    step = int(read_checkpoint(ckpt_path)["global_step"])
+    # load_module has read and checked this file; the step alone needs no tensor read
+    step = int(
+        torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    )
     folder = snapshot_folder(ckpt_path, module.hparams.config)
     state, used_step = reconstruct(folder, step, float(ema_std))
     own = module.state_dict()
