@@ -92,12 +92,19 @@ class EMA(EMAWeightAveraging):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            device = self._device or pl_module.device
-            self._average_model = HostCountedAveragedModel(
-                model=pl_module, device=device, use_buffers=self._use_buffers, **self._kwargs
+            self._average_model = self._make_average_model(
+                pl_module, self._device or pl_module.device
             )
             self._swapped = False
             self._raw_at_end = None
+
+    def _make_average_model(
+        self, pl_module: L.LightningModule, device: torch.device | str
+    ) -> HostCountedAveragedModel:
+        """The averaged copy of ``pl_module`` that ``setup`` builds for a fit."""
+        return HostCountedAveragedModel(
+            model=pl_module, device=device, use_buffers=self._use_buffers, **self._kwargs
+        )
 
     def _swap_models(self, pl_module: L.LightningModule) -> None:
         super()._swap_models(pl_module)

@@ -119,7 +119,6 @@ class PowerEMA(EMA):
         self.snapshot_every = snapshot_every
         self.snapshot_dtype = SNAPSHOT_DTYPES[snapshot_dtype]
         self.dirpath = Path(dirpath) if dirpath is not None else None
-        self._pending_others: list[dict[str, Tensor]] | None = None
         self._last_snapshot = -1
 
     @property
@@ -127,19 +126,16 @@ class PowerEMA(EMA):
         return "PowerEMA"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        device = self._device or pl_module.device
-        self._average_model = PowerAveragedModel(
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "ema_snapshots"
+
+    def _make_average_model(
+        self, pl_module: L.LightningModule, device: torch.device | str
+    ) -> PowerAveragedModel:
+        return PowerAveragedModel(
             pl_module, self.gammas, device=device, use_buffers=self._use_buffers
         )
-        self._swapped = False
-        self._raw_at_end = None
-        if self.dirpath is None:
-            self.dirpath = Path(trainer.default_root_dir) / "ema_snapshots"
-        if self._pending_others is not None:
-            self._load_others(self._pending_others)
-            self._pending_others = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
@@ -209,15 +205,10 @@ class PowerEMA(EMA):
                 f"callbacks.ema.stds={self.stds} but the checkpoint tracked {stored}: "
                 "a resumed power EMA keeps its stds"
             )
-        others = state_dict.get("others", [])
-        if self._average_model is None:
-            self._pending_others = others
-        else:
-            self._load_others(others)
-
-    def _load_others(self, others: list[dict[str, Tensor]]) -> None:
-        assert self._average_model is not None
+        if self._average_model is None:  # not a fit (as Lightning's average is not restored)
+            return
         names = self._average_model.averaged_names()
+        others = state_dict.get("others", [])
         for tensors, stored in zip(self._average_model.others, others, strict=True):
             for tensor, name in zip(tensors, names, strict=True):
                 tensor.copy_(stored[name])
