@@ -110,7 +110,7 @@ def main() -> None:
     header = (
         f"run `{args.run_dir}`, checkpoint `{ckpt}`; {args.num_samples} samples, seed "
         f"{args.seed}, the checkpoint's sampler ({type(module.sampler).__name__}), "
-        f"{extractor_name} features vs {reference.num_samples} train images\n\n"
+        f"{extractor_name} features vs {reference.num_images} train images\n\n"
         "| weights | FID |\n|---|---:|\n"
     )
     table = header + "".join(

@@ -27,9 +27,7 @@ def main() -> None:
 
     data = ImageDataModule(name="digits")
     net = load_digits_feature_net()
-    reference = ReferenceStats.from_features(
-        "train", extract_features(net, data.split_images("train"))
-    )
+    reference = ReferenceStats.from_features(extract_features(net, data.split_images("train")))
     held_out = extract_features(net, data.split_images("val"))
     pixels = torch.from_numpy(np.load(args.samples)["images"])
     generated = extract_features(
@@ -42,7 +40,7 @@ def main() -> None:
         f"generated, N={n}": fid_kid(reference, generated[:n], kid_subset_size=n),
         f"generated, N={generated.shape[0]}": fid_kid(reference, generated),
     }
-    print(f"digits features; reference: {reference.num_samples} train images")
+    print(f"digits features; reference: {reference.num_images} train images")
     for name, m in rows.items():
         print(f"{name:24s} FID {m['fid']:8.2f}   KID {m['kid_mean']:9.1f} +- {m['kid_std']:.1f}")
     print(json.dumps(rows))

@@ -54,7 +54,7 @@ def main() -> None:
     data = instantiate(OmegaConf.create(module.hparams.config["data"]))
     classifier = load_digits_feature_net()
     reference = ReferenceStats.from_features(
-        "train", extract_features(classifier, data.split_images("train"))
+        extract_features(classifier, data.split_images("train"))
     )
 
     labels = torch.tensor(module.labels_for(range(args.num_samples), None))  # i % classes
@@ -77,7 +77,7 @@ def main() -> None:
     table = (
         f"checkpoint `{ckpt}`; {args.num_samples} samples (class i % 10), seed {args.seed}, "
         f"sampler {type(module.sampler).__name__} {module.sampler.steps} steps; digits "
-        f"classifier accuracy and digits-feature FID vs {reference.num_samples} train images\n\n"
+        f"classifier accuracy and digits-feature FID vs {reference.num_images} train images\n\n"
         "| guidance scale w | accuracy | FID |\n|---:|---:|---:|\n"
     ) + "".join(
         f"| {r['guidance_scale']:g} | {r['accuracy']:.3f} | {r['fid']:.2f} |\n" for r in rows

@@ -141,7 +141,7 @@ def main() -> None:
     header = (
         f"checkpoint `{ckpt}` ({schedule['name']} schedule, {prediction_type} prediction); "
         f"{args.num_samples} samples, seed {args.seed}, {extractor_name} features vs "
-        f"{reference.num_samples} train images; {device}, {torch.get_num_threads()} threads\n\n"
+        f"{reference.num_images} train images; {device}, {torch.get_num_threads()} threads\n\n"
         "| sampler | NFE | FID | ms / image |\n|---|---:|---:|---:|\n"
     )
     table = header + "".join(

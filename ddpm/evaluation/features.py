@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ class DigitsFeatureNet(nn.Module):
 
     name = "digits"
     num_features = 128
+    resize = "grey (channel mean), bilinear with antialias to 8x8 (none at 8x8)"
 
     @property
     def version(self) -> str:
@@ -115,6 +117,8 @@ class InceptionFeatures(nn.Module):
 
     name = "inception"
     num_features = 2048
+    # torch-fidelity's resize, as the TF FID code and the ADM evaluator (not pytorch-fid's)
+    resize = "bilinear like TensorFlow 1.x (torch-fidelity) to 299x299, no antialias"
     version = Path(INCEPTION_URL).stem  # torch-fidelity's pt_inception-2015-12-05 weights
 
     def __init__(self) -> None:
@@ -150,13 +154,41 @@ class InceptionFeatures(nn.Module):
         return self.net(x)
 
 
+QUANTIZATION = "uint8: round((x + 1) * 127.5), as a saved image"
+
+
+def quantize(images: Tensor) -> Tensor:
+    """Images in [-1, 1] on the 256 levels of a saved uint8 image (still in [-1, 1]): the
+    papers score saved samples, so features are always taken of quantised images."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+@torch.no_grad()
 def extract_features(
     extractor: nn.Module, images: Tensor, batch_size: int = 500, device: torch.device | str = "cpu"
 ) -> Tensor:
-    """Features [N, D] (CPU, float32) of images [N, C, H, W] in [-1, 1], in batches."""
+    """Features [N, D] (CPU, float32) of images [N, C, H, W] in [-1, 1], quantised to
+    uint8 levels first, in batches."""
     extractor = extractor.to(device)
-    out = [extractor(chunk.to(device)).float().cpu() for chunk in images.split(batch_size)]
+    out = [
+        extractor(quantize(chunk.to(device))).float().cpu() for chunk in images.split(batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0, getattr(extractor, "num_features", 0))
+
+
+def weights_hash(extractor: nn.Module) -> str:
+    """A digest of the extractor's weights (names, shapes, values): reference files record
+    it, so statistics of other weights are refused. Computed once per extractor."""
+    cached = getattr(extractor, "_weights_hash", None)
+    if cached is None:
+        digest = hashlib.sha256()
+        for name, tensor in extractor.state_dict().items():
+            t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d -> [1]: views need a dim
+            digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        cached = digest.hexdigest()[:16]
+        extractor._weights_hash = cached
+    return cached
 
 
 def build_feature_extractor(name: str) -> nn.Module:

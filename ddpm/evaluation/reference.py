@@ -1,38 +1,38 @@
-"""Real-data reference statistics for FID/KID, computed once and cached on disk, so an
-evaluation costs only the generated side. The cache key is what determines the numbers:
-the split's images (root, channels, size and a content fingerprint) and the feature
-extractor with its weights' version."""
+"""Real-data reference statistics for FID/KID: computed once and cached as portable
+``.npz`` files (``ddpm.evaluation.stats_file``), so an evaluation costs only the generated
+side; or read from a file the user names (ours, pytorch-fid's, the ADM evaluator's).
+
+The cache key is what determines the numbers: the split's images (root, channels, size
+and a content fingerprint) and the feature extractor with its weights' version.
+
+``python -m ddpm.evaluation.reference data=cifar10 split=train out=cifar10_train.npz``
+writes such a file (see ``ddpm.runs.reference_cli``).
+"""
 
 from __future__ import annotations
 
+import runpy
 from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ddpm.evaluation.features import extract_features
-from ddpm.utils.files import atomic_torch_save, cache_dir
+from ddpm.evaluation.features import QUANTIZATION, extract_features, weights_hash
+from ddpm.evaluation.stats_file import ReferenceStats
+from ddpm.utils.files import cache_dir
 
-KID_MAX_REAL = 10_000  # real features kept for KID (its subsets draw from these)
-STATS_VERSION = 3  # bump when the data pipeline changes pixels: old caches are ignored
+STATS_VERSION = 4  # bump when the data pipeline changes pixels: old caches are ignored
 
 
-@dataclass
-class ReferenceStats:
-    """Sufficient statistics of real features for FID, plus a feature sample for KID."""
-
-    key: str
-    num_samples: int
-    feature_sum: Tensor  # [D], float64
-    feature_outer_sum: Tensor  # [D, D], float64: sum of f f^T
-    kid_features: Tensor  # [min(N, KID_MAX_REAL), D], float32
-
-    @classmethod
-    def from_features(cls, key: str, features: Tensor) -> ReferenceStats:
-        f = features.double()
-        keep = torch.randperm(f.shape[0], generator=torch.Generator().manual_seed(0))[:KID_MAX_REAL]
-        return cls(key, f.shape[0], f.sum(0), f.T @ f, features[keep].float())
+def extractor_meta(name: str, extractor: nn.Module) -> dict[str, str]:
+    """What a reference file records about the features it was made with."""
+    return {
+        "extractor": name,
+        "extractor_hash": weights_hash(extractor),
+        "resize": str(getattr(extractor, "resize", "")),
+        "quantization": QUANTIZATION,
+    }
 
 
 def reference_stats(
@@ -40,27 +40,19 @@ def reference_stats(
     load_images: Callable[[], Tensor],
     extractor: nn.Module,
     device: torch.device | str = "cpu",
+    meta: dict[str, str] | None = None,
 ) -> tuple[ReferenceStats, bool]:
     """Cached statistics for ``key``; computed (and cached) on a miss.
 
     Returns (stats, computed_now). ``key`` names the data set, split, extractor and image
-    size; ``load_images`` is only called on a miss.
+    size; ``load_images`` is only called on a miss; ``meta`` is recorded in the file.
     """
-    path = cache_dir() / "reference" / f"{key}.pt"
+    path = cache_dir() / "reference" / f"{key}.npz"
     if path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        return ReferenceStats(key=key, **stored), False
+        return ReferenceStats.load(path), False
     features = extract_features(extractor, load_images(), device=device)
-    stats = ReferenceStats.from_features(key, features)
-    atomic_torch_save(
-        {
-            "num_samples": stats.num_samples,
-            "feature_sum": stats.feature_sum,
-            "feature_outer_sum": stats.feature_outer_sum,
-            "kid_features": stats.kid_features,
-        },
-        path,
-    )
+    stats = ReferenceStats.from_features(features, **(meta or {}))
+    stats.save(path)
     return stats, True
 
 
@@ -88,5 +80,26 @@ def data_reference(
         str(extractor.version),  # every extractor names its weights' version
         datamodule.split_fingerprint(split),
     )
-    stats, _ = reference_stats(key, lambda: datamodule.split_images(split), extractor, device)
+    meta = {**extractor_meta(extractor_name, extractor), "data": datamodule.name, "split": split}
+    stats, _ = reference_stats(key, lambda: datamodule.split_images(split), extractor, device, meta)
     return key, stats
+
+
+def file_reference(path: Path, extractor_name: str, extractor: nn.Module) -> ReferenceStats:
+    """The statistics in ``path`` (``fid_reference=FILE.npz``), refused in one line when
+    they were made with another extractor, other weights or another dimension."""
+    stats = ReferenceStats.load(Path(path))
+    dim = int(getattr(extractor, "num_features", stats.dim))
+    stats.check_fits(extractor_name, dim, weights_hash(extractor), str(path))
+    if "extractor" not in stats.meta:
+        print(
+            f"note: {path} does not say how it was made (a pytorch-fid or ADM file): scored "
+            f"as {extractor_name} features; its resize may differ from {extractor.resize!r}"
+        )
+    return stats
+
+
+if __name__ == "__main__":
+    # The command line composes conf/ with Hydra, which belongs to the runs layer; run it
+    # by name so that this layer imports nothing above it.
+    runpy.run_module("ddpm.runs.reference_cli", run_name="__main__", alter_sys=True)

@@ -7,8 +7,7 @@ import torch
 
 from ddpm.diffusion.samplers.base import Sampler
 from ddpm.evaluation.features import build_feature_extractor, extract_features
-from ddpm.evaluation.metrics import fid_kid
-from ddpm.evaluation.reference import data_reference
+from ddpm.evaluation.metrics import fid_kid, load_reference
 from ddpm.training.draws import gather_strided, guidance, rank_indices
 
 
@@ -30,6 +29,7 @@ class SampleQuality(L.Callback):
         kid_subsets: int = 100,
         kid_subset_size: int = 1000,
         guidance_scale: float = 0.0,
+        fid_reference: str | None = None,
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"eval.every_n_epochs={every_n_epochs} must be >= 1")
@@ -48,6 +48,7 @@ class SampleQuality(L.Callback):
         self.feature_extractor, self.reference_split = feature_extractor, reference_split
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.guidance_scale = guidance_scale  # class-conditional runs: class-balanced samples
+        self.fid_reference = fid_reference  # a statistics .npz instead of the data's split
         self._validations = 0
         self._name: str | None = None
         self.extractor: torch.nn.Module | None = None
@@ -55,10 +56,15 @@ class SampleQuality(L.Callback):
 
     def load_extractor(self, datamodule: L.LightningDataModule) -> None:
         """Build the feature extractor now (``ddpm.runs.prepare`` calls this before
-        training, so a missing Inception download fails the run at once, in one line)."""
+        training, so a missing Inception download or a bad ``fid_reference`` fails the run
+        at once, in one line)."""
         if self.extractor is None:
             self._name = self.feature_extractor or datamodule.feature_extractor
             self.extractor = build_feature_extractor(self._name)
+        if self.fid_reference is not None and self.reference is None:  # a bad file: now
+            self.reference, _ = load_reference(
+                datamodule, self._name, self.extractor, fid_reference=self.fid_reference
+            )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.reference is not None:
@@ -66,8 +72,13 @@ class SampleQuality(L.Callback):
         data = trainer.datamodule
         self.load_extractor(data)
         self.extractor.to(pl_module.device)
-        _, self.reference = data_reference(
-            data, self.reference_split, self._name, self.extractor, pl_module.device
+        self.reference, _ = load_reference(
+            data,
+            self._name,
+            self.extractor,
+            self.reference_split,
+            self.fid_reference,
+            pl_module.device,
         )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -88,5 +99,6 @@ class SampleQuality(L.Callback):
         # every rank holds all features and computes the same numbers: no further collective
         metrics = fid_kid(self.reference, features.cpu(), self.kid_subsets, self.kid_subset_size)
         pl_module.log("val/fid", metrics["fid"], sync_dist=False)
-        pl_module.log("val/kid", metrics["kid_mean"], sync_dist=False)
-        pl_module.log("val/kid_std", metrics["kid_std"], sync_dist=False)
+        if metrics["kid_mean"] is not None:  # None: the reference file has no features
+            pl_module.log("val/kid", metrics["kid_mean"], sync_dist=False)
+            pl_module.log("val/kid_std", metrics["kid_std"], sync_dist=False)
