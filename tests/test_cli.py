@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm.data.datamodule import ImageDataModule
+from ddpm.evaluation.features import extract_features, load_digits_feature_net
+from ddpm.evaluation.stats_file import ReferenceStats
 from ddpm.runs.errors import user_error
 from ddpm.runs.prepare import prepare
 from tests.conftest import ROOT, TINY, compose_train, run_entry
@@ -241,6 +244,11 @@ def test_ddp_on_cpu_writes_one_run_dir(tmp_path):
     """Two gloo processes through the real entry point: one run dir, one checkpoint set,
     grids written once, identical initial weights, different data and timesteps per rank."""
     run_dir, probes = tmp_path / "run", tmp_path.parent / f"{tmp_path.name}-probes"
+    # FID against a reference file in pytorch-fid's layout (mu and sigma only: no KID)
+    reference = tmp_path.parent / f"{tmp_path.name}-reference.npz"
+    real = ImageDataModule(name="digits").split_images("train")
+    stats = ReferenceStats.from_features(extract_features(load_digits_feature_net(), real))
+    np.savez(reference, mu=stats.mu, sigma=stats.sigma)
     result = run_entry(
         "train.py",
         *TINY,
@@ -248,6 +256,7 @@ def test_ddp_on_cpu_writes_one_run_dir(tmp_path):
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "logger=csv",
+        f"eval.fid_reference={reference}",
         f"hydra.run.dir={run_dir}",
         "+callbacks.probe._target_=tests.faults.RankProbe",
         f"+callbacks.probe.out_dir={probes}",
@@ -267,6 +276,7 @@ def test_ddp_on_cpu_writes_one_run_dir(tmp_path):
     assert "_broadcast_sigterm_tensor" not in rank0["broadcast_callers"]
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     assert sum(bool(r.get("val/loss")) for r in rows) == 2  # one synchronised value each
+    assert sum(bool(r.get("val/fid")) for r in rows) == 2 and "val/kid" not in rows[0]
 
 
 def test_console_scripts_find_their_configs(tmp_path):
@@ -328,9 +338,21 @@ def test_class_conditional_run_samples_requested_classes(trained, tmp_path):
                "guidance_scale=2.0")  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     assert np.load(tmp_path / "one" / "samples.npz")["labels"].tolist() == [3, 3, 3, 3]
-    every = draw("sampler=ddim", f"out_dir={tmp_path / 'all'}", "num_samples=12")
+    every = draw("sampler=ddim", f"out_dir={tmp_path / 'all'}", "num_samples=12", "chunk_size=5")
     assert every.returncode == 0, every.stderr[-3000:]
-    assert np.load(tmp_path / "all" / "samples.npz")["labels"].tolist() == [*range(10), 0, 1]
+    every_npz = np.load(tmp_path / "all" / "samples.npz")
+    assert every_npz["labels"].tolist() == [*range(10), 0, 1]
+    # the same draw from two gloo processes started by torchrun: images and labels, bit for bit
+    torchrun = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "sample.py"), f"ckpt_path={ckpt}", "sampler=ddim", "sampler.steps=3",
+         f"out_dir={tmp_path / 'two'}", "num_samples=12", "chunk_size=5", "accelerator=cpu",
+         "devices=2"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    two = np.load(tmp_path / "two" / "samples.npz")
+    assert np.array_equal(two["images"], every_npz["images"])
+    assert np.array_equal(two["labels"], every_npz["labels"])
     bad = draw("sampler=ddim", f"out_dir={tmp_path / 'bad'}", "class_label=10")
     assert bad.returncode == 2 and "error: class_label=10 is out of range" in bad.stderr
     plain = run_entry(

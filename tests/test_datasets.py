@@ -205,8 +205,9 @@ def _run_the_documented_fid50k_command(ckpt: Path, tmp_path: Path) -> None:
     args = shlex.split(line.split("sample.py", 1)[1])
     assert {"num_samples=50000", "sampler=ddpm", "sampler.steps=null"} <= set(args)
     assert {"sampler.variance=fixed_large", "feature_extractor=inception"} <= set(args)
-    assert {"evaluate=true", "reference_split=train"} <= set(args)
+    assert {"evaluate=true", "reference_split=train", "seed_blocks=3", "devices=8"} <= set(args)
     shrunk = {"num_samples": "4", "batch_size": "4", "feature_extractor": "digits"}
+    shrunk |= {"devices": "1", "accelerator": "cpu", "chunk_size": "5"}
     shrunk |= {"ckpt_path": str(ckpt), "out_dir": str(tmp_path / "fid50k")}
     args = [f"{k}={shrunk.get(k, v)}" for k, v in (a.split("=", 1) for a in args)]
     result = run_entry("sample.py", *args, cwd=tmp_path)
@@ -216,3 +217,7 @@ def _run_the_documented_fid50k_command(ckpt: Path, tmp_path: Path) -> None:
     assert sampler["name"] == "DDPMSampler" and sampler["variance"] == "fixed_large"
     assert sampler["steps"] is None  # every one of the T timesteps
     assert metrics["reference"] == {**metrics["reference"], "split": "train", "num_images": 50}
+    blocks = [b["indices"] for b in metrics["blocks"]]
+    assert blocks == [[0, 4], [4, 8], [8, 12]] and metrics["fid_std"] > 0
+    assert metrics["fid"] == pytest.approx(np.mean([b["fid"] for b in metrics["blocks"]]))
+    assert metrics["wall_seconds"] > 0

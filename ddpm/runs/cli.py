@@ -116,9 +116,10 @@ def _remove_fresh_job_dir() -> None:
 def sample(cfg: DictConfig) -> Path:
     """Draw ``num_samples`` images from ``ckpt_path`` into ``out_dir`` (see
     ``ddpm.runs.sampling.draw``); a bad value stops with one line. Returns the folder."""
-    if multirun():  # each job of a -m sweep writes to its own folder under out_dir
-        with open_dict(cfg):
-            cfg.out_dir = HydraConfig.get().runtime.output_dir
+    # Hydra's folder for this job: out_dir itself, a job's folder under it in a -m sweep,
+    # and for the DDP processes Lightning starts, rank 0's (it passes hydra.run.dir on)
+    with open_dict(cfg):
+        cfg.out_dir = HydraConfig.get().runtime.output_dir
     plan = take_prepared(cfg)
     if plan is None:
         try:
