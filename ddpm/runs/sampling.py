@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,9 @@ def draw(cfg: DictConfig, plan: SamplePlan) -> Path:
     )
     chunks = ChunkPlan(spec, (height, width, channels))
     drawer = Drawer(module, spec, plan.sampler, plan.extractor)
-    trainer.predict(drawer, datamodule=chunks, return_predictions=False)
+    with warnings.catch_warnings():  # a finished draw run again has nothing left to draw
+        warnings.filterwarnings("ignore", message=".*`DataLoader` across ranks is zero.*")
+        trainer.predict(drawer, datamodule=chunks, return_predictions=False)
     if not trainer.is_global_zero:  # rank 0 writes everything else
         return out
     write_outputs(spec, (height, width, channels))
