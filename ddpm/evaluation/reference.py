@@ -85,13 +85,16 @@ def data_reference(
     return key, stats
 
 
-def file_reference(path: Path, extractor_name: str, extractor: nn.Module) -> ReferenceStats:
+def file_reference(
+    path: Path, extractor_name: str, extractor: nn.Module, note: bool = True
+) -> ReferenceStats:
     """The statistics in ``path`` (``fid_reference=FILE.npz``), refused in one line when
-    they were made with another extractor, other weights or another dimension."""
+    they were made with another extractor, other weights or another dimension; ``note``
+    prints a line when the file does not say how it was made."""
     stats = ReferenceStats.load(Path(path))
     dim = int(getattr(extractor, "num_features", stats.dim))
     stats.check_fits(extractor_name, dim, weights_hash(extractor), str(path))
-    if "extractor" not in stats.meta:
+    if note and "extractor" not in stats.meta:
         print(
             f"note: {path} does not say how it was made (a pytorch-fid or ADM file): scored "
             f"as {extractor_name} features; its resize may differ from {extractor.resize!r}"

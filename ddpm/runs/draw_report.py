@@ -65,19 +65,7 @@ def evaluate_draw(
     moments = [FeatureMoments(dim) for _ in range(blocks)]
     kid_sample: list[list[Tensor]] = [[] for _ in range(blocks)]
     for data in iter_chunks(spec.out, spec.total, spec.chunk_size):
-        features = data.get("features")
-        if features is None:
-            images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2)  # NHWC -> NCHW
-            pixels = images.float() / 127.5 - 1
-            batch = spec.batch_size or len(pixels)
-            features = extract_features(extractor, pixels, batch, device).numpy()
-        block_of = data["indices"] // num_samples  # [n]
-        for block in np.unique(block_of):
-            rows = torch.from_numpy(features[block_of == block])  # [m, D]
-            moments[block].update(rows)
-            kept = sum(len(x) for x in kid_sample[block])
-            if kept < KID_MAX_REAL:
-                kid_sample[block].append(rows[: KID_MAX_REAL - kept].float())
+        _accumulate(data, spec, num_samples, extractor, device, moments, kid_sample)
     per_block = []
     for block in range(blocks):
         numbers = fid_kid(
@@ -101,6 +89,32 @@ def evaluate_draw(
     if blocks > 1:
         report["blocks"] = per_block
     return report
+
+
+def _accumulate(
+    data: dict[str, np.ndarray],
+    spec: DrawSpec,
+    num_samples: int,
+    extractor: nn.Module,
+    device: torch.device | str,
+    moments: list[FeatureMoments],
+    kid_sample: list[list[Tensor]],
+) -> None:
+    """Add one chunk's features to its blocks' moments and KID samples (computing them
+    from the chunk's images, in the draw's batches, when it was drawn without them)."""
+    features = data.get("features")
+    if features is None:
+        images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2)  # NHWC -> NCHW
+        pixels = images.float() / 127.5 - 1
+        batch = spec.batch_size or len(pixels)
+        features = extract_features(extractor, pixels, batch, device).numpy()
+    block_of = data["indices"] // num_samples  # [n]
+    for block in np.unique(block_of):
+        rows = torch.from_numpy(features[block_of == block])  # [m, D]
+        moments[block].update(rows)
+        kept = sum(len(x) for x in kid_sample[block])
+        if kept < KID_MAX_REAL:
+            kid_sample[block].append(rows[: KID_MAX_REAL - kept].float())
 
 
 def _mean(values: list[float | None]) -> float | None:

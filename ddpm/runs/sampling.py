@@ -90,7 +90,8 @@ def prepare_sample(cfg: DictConfig) -> SamplePlan:
         plan.extractor_name = cfg.get("feature_extractor") or config["data"]["feature_extractor"]
         plan.extractor = build_feature_extractor(plan.extractor_name)
         if cfg.get("fid_reference") is not None:  # a file that does not fit: refused now
-            file_reference(Path(cfg.fid_reference), plan.extractor_name, plan.extractor)
+            reference = Path(cfg.fid_reference)
+            file_reference(reference, plan.extractor_name, plan.extractor, note=False)
     return plan
 
 
@@ -221,6 +222,12 @@ def draw(cfg: DictConfig, plan: SamplePlan) -> Path:
     with warnings.catch_warnings():  # a finished draw run again has nothing left to draw
         warnings.filterwarnings("ignore", message=".*`DataLoader` across ranks is zero.*")
         trainer.predict(drawer, datamodule=chunks, return_predictions=False)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank is past its last gather; leaving the group now (rather than in the
+        # interpreter's teardown, which can abort and make the launcher kill rank 0
+        # while it writes) lets the other ranks exit cleanly
+        trainer.strategy.barrier("draw_done")
+        torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:  # rank 0 writes everything else
         return out
     write_outputs(spec, (height, width, channels))
