@@ -9,8 +9,6 @@ optionally, ``kid_features`` (a fixed sample of the features, which KID needs).
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddpm.utils.files import TMP_PREFIX
+from ddpm.utils.files import atomic_open
 
 KID_MAX_REAL = 10_000  # features kept for KID (its subsets draw from these)
 FORMAT_VERSION = 1
@@ -86,16 +84,8 @@ class ReferenceStats:
         arrays["format_version"] = np.array(FORMAT_VERSION)
         if kid_features and self.kid_features is not None:
             arrays["kid_features"] = self.kid_features.numpy()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(Path(path)) as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> ReferenceStats:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ddpm.runs.errors import UsageError
-from ddpm.utils.files import TMP_PREFIX, sweep_partial_files
+from ddpm.utils.files import atomic_open, sweep_partial_files
 
 MANIFEST = "draw.json"
 CHUNKS = "chunks"
@@ -73,30 +71,15 @@ def write_manifest(out: Path, identity: dict[str, Any]) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` whole or not at all."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def save_chunk(out: Path, chunk: int, arrays: dict[str, np.ndarray]) -> None:
-    """Write one finished chunk (atomically)."""
-    path = chunk_path(out, chunk)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write one finished chunk, whole or not at all."""
+    with atomic_open(chunk_path(out, chunk)) as f:
+        np.savez(f, **arrays)
 
 
 def load_chunk(out: Path, chunk: int) -> dict[str, np.ndarray]:
@@ -154,22 +137,18 @@ def merge_samples(out: Path, total: int, chunk_size: int, image_shape: tuple[int
     members = {"images": (first["images"].dtype, (total, *image_shape))}
     if "labels" in first:
         members["labels"] = (first["labels"].dtype, (total,))
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=out)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
-            for key, (dtype, shape) in members.items():
-                header = {
-                    "descr": np.lib.format.dtype_to_descr(dtype),
-                    "fortran_order": False,
-                    "shape": shape,
-                }
-                with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array_header_1_0(member, header)
-                    for data in iter_chunks(out, total, chunk_size):
-                        member.write(np.ascontiguousarray(data[key], dtype=dtype).tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with (
+        atomic_open(path) as f,
+        zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive,
+    ):
+        for key, (dtype, shape) in members.items():
+            header = {
+                "descr": np.lib.format.dtype_to_descr(dtype),
+                "fortran_order": False,
+                "shape": shape,
+            }
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, header)
+                for data in iter_chunks(out, total, chunk_size):
+                    member.write(np.ascontiguousarray(data[key], dtype=dtype).tobytes())
     return path

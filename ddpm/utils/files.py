@@ -10,21 +10,27 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 TMP_PREFIX = ".tmp-"  # partial writes: ignored when looking for checkpoints, swept on resume
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """``torch.save`` to ``path`` so that ``path`` is always either the old or the new file."""
+@contextlib.contextmanager
+def atomic_open(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write that becomes ``path`` only when the block ends without an
+    error (a temporary file in the same folder, fsynced, then renamed over ``path``); on
+    an error, or if the process is killed, ``path`` is left as it was."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is a normal file
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; these are normal files
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
@@ -33,6 +39,12 @@ def atomic_torch_save(obj: object, path: Path) -> None:
             os.remove(tmp)
         raise
     _fsync_dir(path.parent)  # ... and the rename itself survives a power cut
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` to ``path`` so that ``path`` is always either the old or the new file."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def _umask() -> int:
