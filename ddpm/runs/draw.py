@@ -175,9 +175,9 @@ class ChunkWriter(L.Callback):
             if chunk < 0:
                 continue
             self._write(chunk, count, {k: v[rank][:count].cpu() for k, v in gathered.items()})
-        self._report(trainer, batch_idx)
+        self._report(trainer)
 
-    def _report(self, trainer: L.Trainer, step: int) -> None:
+    def _report(self, trainer: L.Trainer) -> None:
         """One line per step: samples written, rate and time left."""
         plan = trainer.datamodule
         done = plan.resumed + self.written
