@@ -105,11 +105,7 @@ class Drawer(L.LightningModule):
 
     def predict_step(self, chunk: int) -> dict[str, Tensor]:
         spec, module = self.spec, self.module
-        height, width, channels = (
-            module.image_shape[1],
-            module.image_shape[2],
-            module.image_shape[0],
-        )
+        channels, height, width = module.image_shape
         images = torch.zeros(spec.chunk_size, height, width, channels, dtype=torch.uint8)
         labels = torch.full((spec.chunk_size,), -1, dtype=torch.long)
         dim = getattr(self.extractor, "num_features", 0)
@@ -118,17 +114,17 @@ class Drawer(L.LightningModule):
         if chunk >= 0:
             indices = chunk_range(chunk, spec.chunk_size, spec.total)
             count = len(indices)
+            chosen = module.labels_for(indices, spec.class_label, spec.guidance)
             drawn = module.sample(
                 indices,
                 seed=spec.seed,
                 batch_size=spec.batch_size,
                 sampler=self.sampler,
                 progress=self.trainer.is_global_zero,  # the sampler's steps, rank 0 only
-                labels=spec.class_label,
+                labels=chosen,
                 guidance_scale=spec.guidance,
             )  # [n, C, H, W] in [-1, 1]
             images[:count] = torch.from_numpy(to_uint8(drawn))  # [n, H, W, C]
-            chosen = module.labels_for(indices, spec.class_label, spec.guidance)
             if chosen is not None:
                 labels[:count] = torch.tensor(chosen)
             if self.extractor is not None:

@@ -74,7 +74,10 @@ def prepare_sample(cfg: DictConfig) -> SamplePlan:
     out = Path(cfg.out_dir)
     check_writable(out)
     module = load_module(cfg.ckpt_path)
-    posthoc = posthoc_ema(module, Path(cfg.ckpt_path), ema_std) if ema_std is not None else None
+    step = checkpoint_step(Path(cfg.ckpt_path))
+    posthoc = (
+        posthoc_ema(module, Path(cfg.ckpt_path), ema_std, step) if ema_std is not None else None
+    )
     sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
     guidance = cfg.get("guidance_scale")
     if guidance is None:  # the scale the run's grids used (0 for unconditional runs)
@@ -83,7 +86,7 @@ def prepare_sample(cfg: DictConfig) -> SamplePlan:
         guidance = guidance if module.num_classes else 0.0
     labels = module.labels_for(range(1), cfg.get("class_label"), guidance)  # checks them
     plan = SamplePlan(module, sampler, guidance, {}, posthoc)
-    plan.identity = draw_identity(cfg, plan, labels is not None)
+    plan.identity = draw_identity(cfg, plan, step, labels is not None)
     check_manifest(out, plan.identity)
     if cfg.get("evaluate"):
         config = module.hparams.config
@@ -95,11 +98,20 @@ def prepare_sample(cfg: DictConfig) -> SamplePlan:
     return plan
 
 
-def draw_identity(cfg: DictConfig, plan: SamplePlan, conditional: bool) -> dict[str, Any]:
+def checkpoint_step(ckpt_path: Path) -> int:
+    """The checkpoint's global step (read memory-mapped: no tensor is read; load_module
+    has read and checked the file)."""
+    return int(
+        torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    )
+
+
+def draw_identity(
+    cfg: DictConfig, plan: SamplePlan, step: int, conditional: bool
+) -> dict[str, Any]:
     """What determines the images of a draw; ``out_dir/draw.json`` records it, and a rerun
     continues the draw only when it is the same."""
     ckpt = Path(cfg.ckpt_path).resolve()
-    step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
     used = plan.sampler or plan.module.sampler
     return {
         "ckpt_path": str(ckpt),
@@ -133,14 +145,14 @@ def snapshot_folder(ckpt_path: Path, config: dict[str, Any]) -> Path:
     return Path(recorded)
 
 
-def posthoc_ema(module: DiffusionModule, ckpt_path: Path, ema_std: float) -> dict[str, Any]:
+def posthoc_ema(
+    module: DiffusionModule, ckpt_path: Path, ema_std: float, step: int | None = None
+) -> dict[str, Any]:
     """Load into ``module`` the EMA of length ``ema_std`` that post-hoc EMA reconstructs
     (Karras et al. 2024, Algorithm 3) from the run's snapshots up to the checkpoint's
-    step; returns what was used (std, step, folder, number of snapshots)."""
-    # load_module has read and checked this file; the step alone needs no tensor read
-    step = int(
-        torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
-    )
+    step (``step``, read from the file when not given); returns what was used (std,
+    step, folder, number of snapshots)."""
+    step = checkpoint_step(ckpt_path) if step is None else step
     folder = snapshot_folder(ckpt_path, module.hparams.config)
     state, used_step = reconstruct(folder, step, float(ema_std))
     own = module.state_dict()
