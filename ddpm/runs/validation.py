@@ -125,6 +125,8 @@ RULES: dict[str, tuple[Check, str]] = {
     "optimizer.fused": (lambda v: v in (True, False, None), "true, false or null"),
     "lr_scheduler.total_iters": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "lr_scheduler.start_factor": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "lr_scheduler.warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "lr_scheduler.final_factor": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "callbacks.ema.decay": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "callbacks.ema.update_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "callbacks.ema.snapshot_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
