@@ -101,7 +101,13 @@ def train_peer(images: Tensor, budget_s: float, seed: int, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.save(unet.state_dict(), out / "unet_ema.pt")
     params = sum(p.numel() for p in unet.parameters())
-    return {"steps": steps, "seconds": time.perf_counter() - start, "params": params}
+    seconds = time.perf_counter() - start
+    return {
+        "steps": steps,
+        "seconds": seconds,
+        "params": params,
+        "weights": str(out / "unet_ema.pt"),
+    }
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ at the same wall-clock budgets B, 2B, 4B, with one evaluator.
   same way. The halves are a fixed random permutation (seed 0); the floor's spread over
   three permutations (seeds 0, 1, 2) is given beside it.
 Each finished run and evaluation is kept in OUT/results.json; a rerun skips them.
-Writes OUT/table.md, OUT/results.json, OUT/fid_vs_seconds.png and 64-image grids.
+Writes OUT/table.md, OUT/results.json, OUT/fid_vs_seconds.png and 64-image grids; the
+runs' checkpoints and logs go to --runs (outputs/quality_vs_peer).
 """
 
 from __future__ import annotations
@@ -129,10 +130,14 @@ def main() -> None:
     )
     parser.add_argument("--slow-seeds", type=int, nargs="+", help="... and only these seeds")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/quality_vs_peer")
+    parser.add_argument(
+        "--runs", type=Path, default=ROOT / "outputs/quality_vs_peer", help="checkpoints, logs"
+    )
     args = parser.parse_args()
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    args.runs.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"runs": {}, "evals": {}}
 
@@ -143,7 +148,7 @@ def main() -> None:
     runs = results["runs"]
     for k in args.budgets:  # ours first: B is the default run's wall time
         if f"ours_x{k}" not in runs:
-            runs[f"ours_x{k}"] = train_ours(k, out / f"ours_x{k}", default_steps)
+            runs[f"ours_x{k}"] = train_ours(k, args.runs / f"ours_x{k}", default_steps)
             save()
     base = args.base_seconds or runs["ours_x1"]["seconds"]
     results["base_seconds"] = base
@@ -153,7 +158,7 @@ def main() -> None:
         if f"peer_x{k}" not in runs:
             print(f"training the peer for {k * base:.0f} s", flush=True)
             runs[f"peer_x{k}"] = peer_diffusers.train_peer(
-                train_images, k * base, seed=0, out=out / f"peer_x{k}"
+                train_images, k * base, seed=0, out=args.runs / f"peer_x{k}"
             )
             runs[f"peer_x{k}"]["budget"] = k * base
             save()
@@ -180,7 +185,7 @@ def main() -> None:
                     )
                 else:
                     sampler, _, steps = spec.partition("-")
-                    weights = out / f"peer_x{k}" / "unet_ema.pt"
+                    weights = Path(runs[f"peer_x{k}"]["weights"])
                     images = peer_diffusers.sample_peer(
                         weights, sampler, int(steps), args.num_samples, seed
                     )
