@@ -25,7 +25,8 @@ def test_groups_have_the_documented_options():
     assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
     assert options("logger") == ["csv", "none", "tensorboard", "wandb"]
     assert options("sampler") == ["ddim", "ddpm", "dpm_solver", "edm"]
-    assert options("objective") == ["ddpm", "edm", "edm_iddpm", "edm_ve", "edm_vp"]
+    assert options("objective") == ["ddpm", "edm", "edm_digits", "edm_iddpm", "edm_ve", "edm_vp"]
+    assert options("lr_scheduler") == ["constant", "cosine"]
     assert options("augment") == ["edm"]
     assert options("data") == ["cifar10", "digits", "fashion_mnist", "folder", "mnist"]
 
@@ -88,6 +89,7 @@ def test_zero_terminal_snr_trains_with_v_prediction(tmp_path):
     cfg = compose_train(
         [
             *TINY,
+            "objective=ddpm",
             "schedule.zero_terminal_snr=true",
             "objective.prediction_type=v_prediction",
             "sampler=dpm_solver",
@@ -101,7 +103,7 @@ def test_zero_terminal_snr_trains_with_v_prediction(tmp_path):
 
 
 def test_zero_terminal_snr_with_epsilon_is_refused_before_training(tmp_path):
-    cfg = compose_train(["schedule.zero_terminal_snr=true"], tmp_path)
+    cfg = compose_train(["objective=ddpm", "schedule.zero_terminal_snr=true"], tmp_path)
     with pytest.raises(ValueError, match=r"needs objective\.prediction_type=v_prediction"):
         build_module(cfg)
 
@@ -111,13 +113,14 @@ def test_min_snr_with_zero_terminal_snr_is_refused_before_training(prediction_ty
     """min(SNR, gamma) / (SNR + 1) (v) and min(SNR, gamma) (x_0) are 0 at SNR = 0: the
     loss would never train the t = T-1 prediction every chain starts from."""
     overrides = [
+        "objective=ddpm",
         "schedule.zero_terminal_snr=true",
         f"objective.prediction_type={prediction_type}",
         "objective.weighting=min_snr",
     ]
     with pytest.raises(ValueError, match=r"weighting=min_snr gives t = T-1 zero weight"):
         build_module(compose_train(overrides, tmp_path))
-    build_module(compose_train([*overrides[:2], "objective.weighting=uniform"], tmp_path))
+    build_module(compose_train([*overrides[:3], "objective.weighting=uniform"], tmp_path))
 
 
 @pytest.mark.parametrize("option", options("data"))

@@ -5,10 +5,13 @@ from __future__ import annotations
 import itertools
 import math
 
+import lightning as L
 import pytest
 import torch
 
+from ddpm.runs.build import build_module
 from ddpm.training.lr_schedules import WarmupCosine
+from tests.conftest import TINY, compose_train
 
 
 def _optimizer(lr: float = 1e-3) -> torch.optim.Optimizer:
@@ -37,6 +40,12 @@ def test_warmup_then_cosine_to_final_factor():
     assert lrs[110:] == pytest.approx([1e-4] * 20)  # held at final_factor after total_steps
 
 
+def test_a_run_shorter_than_its_warmup_stays_in_it():
+    """trainer.max_steps=6 with the default 100 warm-up steps: the lr only rises."""
+    lrs = _lrs(WarmupCosine(_optimizer(), warmup_steps=100, total_steps=6), 6)
+    assert lrs == pytest.approx([1e-3 * (0.01 + 0.99 * s / 100) for s in range(6)])
+
+
 def test_state_keeps_position_not_shape():
     """Resuming restores the step; a continued run with another total keeps its own."""
     sched = WarmupCosine(_optimizer(), warmup_steps=0, total_steps=100)
@@ -55,7 +64,8 @@ def test_state_keeps_position_not_shape():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"warmup_steps": 100, "total_steps": 100}, "warmup_steps=100 must lie in"),
+        ({"warmup_steps": 10, "total_steps": -1}, "set trainer.max_steps >= 1, or use"),
+        ({"warmup_steps": -1, "total_steps": 10}, "warmup_steps=-1 must be >= 0"),
         ({"warmup_steps": 0, "total_steps": 10, "final_factor": 2.0}, "final_factor=2.0"),
         ({"warmup_steps": 0, "total_steps": 10, "start_factor": 0.0}, "start_factor=0.0"),
     ],
@@ -64,3 +74,15 @@ def test_bad_settings_refused_in_one_line(kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
         WarmupCosine(_optimizer(), **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_the_default_run_decays_over_its_trainers_max_steps(tmp_path):
+    """lr_scheduler=cosine (the default) leaves total_steps null: the module reads the
+    Trainer's max_steps when it builds the scheduler, so a resume with more steps (the
+    stored config holds null, not the old count) decays over the new total."""
+    cfg = compose_train(TINY, tmp_path)
+    assert cfg.lr_scheduler.total_steps is None
+    module = build_module(cfg)
+    module.trainer = L.Trainer(max_steps=7, logger=False, enable_checkpointing=False)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert isinstance(scheduler, WarmupCosine) and scheduler.total_steps == 7

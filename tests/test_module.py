@@ -37,10 +37,10 @@ def test_fit_writes_checkpoints_and_one_grid_per_validation(fitted):
     metrics = trainer.callback_metrics
     assert {"val/loss", "train/loss", "val/fid", "val/kid", "val/kid_std"} <= set(metrics)
     assert float(metrics["val/fid"]) > 0
-    assert any(key.startswith("val_loss_by_t/t") for key in metrics)
+    assert any(key.startswith("val_loss_by_sigma/sigma") for key in metrics)  # edm_digits
     assert len(list((out / "samples").glob("ema_vs_raw_step=*.png"))) == 2
     assert len(list((out / "samples").glob("trajectory_step=*.png"))) == 2
-    assert len(list((out / "loss_by_t").glob("step=*.png"))) == 2
+    assert len(list((out / "loss_by_sigma").glob("step=*.png"))) == 2
 
 
 def test_trajectory_strip_has_one_row_per_sample_and_a_column_per_frame(fitted):
@@ -83,8 +83,11 @@ def test_sample_is_batch_size_invariant(fitted):
     whole = module.sample(5, seed=3)
     split = module.sample(5, seed=3, batch_size=2)
     assert whole.shape == (5, 1, 8, 8)
-    assert torch.allclose(whole, split, atol=1e-5)
-    assert np.array_equal(to_uint8(whole), to_uint8(split))
+    # the same samples up to float rounding: convolutions sum in another order at another
+    # batch size, and EDM's sampler (the default) starts from noise of sigma 80
+    assert torch.allclose(whole, split, atol=1e-4)
+    levels = to_uint8(whole).astype(np.int16) - to_uint8(split).astype(np.int16)
+    assert np.abs(levels).max() <= 1
     assert not torch.allclose(whole, module.sample(5, seed=4))
 
 

@@ -62,7 +62,7 @@ DEFAULT_CALLBACKS = [
     "callbacks.sample_grid.trajectory_samples=2",
     "eval.num_samples=8",
     "eval.batch_size=8",
-    "eval.sampler.steps=3",
+    "sampler.steps=3",  # the run's sampler draws grids and val/fid
     "eval.kid_subsets=5",
 ]
 WITH_CALLBACKS = [

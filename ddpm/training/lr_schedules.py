@@ -11,8 +11,10 @@ from torch.optim.lr_scheduler import LRScheduler
 
 class WarmupCosine(LRScheduler):
     """Linear warm-up from ``start_factor`` to 1 over ``warmup_steps``, then cosine decay to
-    ``final_factor`` at ``total_steps`` (Loshchilov & Hutter 2017, SGDR, Eq. 5 without
-    restarts), held there after. Stepped once per optimizer step.
+    ``final_factor`` at ``total_steps`` (the module passes the run's ``trainer.max_steps``
+    when the config leaves it null) (Loshchilov & Hutter 2017, SGDR, Eq. 5 without
+    restarts), held there after. Stepped once per optimizer step. A run shorter than its
+    warm-up stays in the warm-up (as diffusers' schedulers and LinearLR do).
 
     The checkpoint keeps only the position, not the shape: a run continued with another
     ``total_steps`` (``ckpt_path=... trainer.max_steps=...``) follows its new config."""
@@ -21,16 +23,18 @@ class WarmupCosine(LRScheduler):
         self,
         optimizer: torch.optim.Optimizer,
         warmup_steps: int,
-        total_steps: int,
+        total_steps: int | None,
         start_factor: float = 0.01,
         final_factor: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        if not 0 <= warmup_steps < total_steps:
+        if total_steps is None or total_steps < 1:
             raise ValueError(
-                f"lr_scheduler: warmup_steps={warmup_steps} must lie in [0, total_steps="
-                f"{total_steps}); lower warmup_steps or raise trainer.max_steps"
+                f"lr_scheduler=cosine decays over total_steps={total_steps}: set "
+                "trainer.max_steps >= 1, or use lr_scheduler=constant for an epoch-bound run"
             )
+        if warmup_steps < 0:
+            raise ValueError(f"lr_scheduler: warmup_steps={warmup_steps} must be >= 0")
         if not (0 < start_factor <= 1 and 0 <= final_factor <= 1):
             raise ValueError(
                 f"lr_scheduler: start_factor={start_factor} must lie in (0, 1] and "
@@ -44,7 +48,8 @@ class WarmupCosine(LRScheduler):
         """The multiplier of the base learning rate after ``step`` optimizer steps."""
         if step < self.warmup_steps:
             return self.start_factor + (1 - self.start_factor) * step / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min(1.0, (step - self.warmup_steps) / span)
         # SGDR Eq. 5: eta_min + (eta_max - eta_min) (1 + cos(pi T_cur / T_i)) / 2
         cosine = 0.5 * (1 + math.cos(math.pi * progress))
         return self.final_factor + (1 - self.final_factor) * cosine

@@ -6,6 +6,7 @@ precision, gradient clipping and EMA belong to the Trainer and its callbacks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -272,7 +273,13 @@ class DiffusionModule(L.LightningModule):
         optimizer = self.optimizer_factory(params=self.net.parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        factory = self.lr_scheduler_factory
+        keywords = getattr(factory, "keywords", {})
+        if "total_steps" in keywords and keywords["total_steps"] is None:
+            # null: this run's trainer.max_steps, read now, so that a resumed run given a
+            # larger max_steps decays over it
+            factory = functools.partial(factory, total_steps=self.trainer.max_steps)
+        scheduler = factory(optimizer=optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
