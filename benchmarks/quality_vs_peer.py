@@ -271,7 +271,8 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
         series.setdefault(name, []).append((r["k"] * results["base_seconds"], r["fid_half"]))
     xs = [x for pts in series.values() for x, _ in pts]
     series["real-data floor"] = [(min(xs), floor["fid_half"]), (max(xs), floor["fid_half"])]
-    chart = line_chart(series, "FID (fid_half) vs training wall time", "wall seconds (log)", "FID")
+    title = "FID (fid_half, mean over seeds) vs wall-clock budget"
+    chart = line_chart(series, title, "budget: wall seconds (log)", "FID")
     save_png(chart, out / "fid_vs_seconds.png")
 
 
