@@ -6,7 +6,7 @@ benchmarks/quality_vs_peer.py.
 What is the example's, and what is scaled to the digits:
 - ``UNet2DModel`` with the example's block layout (plain ResNet blocks, attention on the
   second-deepest level, two layers per block, widths rising), scaled from its six levels at
-  64x64 to three at 8x8 and to about 1M parameters;
+  64x64 to three at 8x8 and to 1.1M parameters;
 - ``DDPMScheduler`` with 1,000 steps, the cosine schedule (``squaredcos_cap_v2``),
   epsilon prediction, MSE loss on the noise; its defaults otherwise (``clip_sample``);
 - AdamW, lr 1e-3, betas (0.95, 0.999), weight decay 1e-6, eps 1e-8 (the example's), a

@@ -229,6 +229,10 @@ def test_bad_input_fails_fast_with_one_clear_line(script, args, expected, tmp_pa
         ),
         (["sampler=edm", "sampler.sigma_min=90"], "sampler.sigma_min=90 and sampler.sigma_max"),
         (["augment=edm", "augment.p=2"], "augment.p=2 is not allowed: it must be a number in"),
+        (
+            ["trainer.max_steps=-1", "trainer.max_epochs=1"],
+            "lr_scheduler=cosine decays to the last step, but trainer.max_steps=-1 sets none",
+        ),
     ],
 )
 def test_bad_values_raised_while_building_give_the_line_train_py_prints(args, expected, tmp_path):

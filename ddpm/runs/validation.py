@@ -257,6 +257,14 @@ def _check_combinations(cfg: DictConfig) -> None:
             f"optimized_metric={metric} needs FID during training; drop eval=null or "
             "optimize val/loss"
         )
+    schedule = cfg.get("lr_scheduler") or {}
+    cosine = str(schedule.get("_target_", "")).endswith("WarmupCosine")
+    if cosine and schedule.get("total_steps") is None and int(trainer.get("max_steps", -1)) < 1:
+        raise ConfigError(
+            f"lr_scheduler=cosine decays to the last step, but trainer.max_steps="
+            f"{trainer.get('max_steps', -1)} sets none; give trainer.max_steps, or use "
+            "lr_scheduler=constant for an epoch-bound run"
+        )
     guard = cfg.get("trainer_guard") or {}
     optimizer = cfg.get("optimizer") or {}
     if guard.get("nonfinite") == "skip" and not precision.startswith("16"):
