@@ -106,6 +106,8 @@ def test_a_pre_layout_run_resumes_in_its_folder_and_continues_from_its_checkpoin
     assert any(moved)  # it trained on
 
     new = tmp_path / "new"  # ckpt_path= continues it in a new folder (in-process: time)
-    cfg = compose_train([*TINY, "model.base_channels=4", "logger=none", f"ckpt_path={CKPT}"], new)
+    # its settings: the DDPM objective, the default when it was written
+    overrides = [*TINY, "objective=ddpm", "model.base_channels=4", "logger=none"]
+    cfg = compose_train([*overrides, f"ckpt_path={CKPT}"], new)
     train(cfg)
     assert read_checkpoint(new / "checkpoints" / "last.ckpt")["global_step"] == 6
