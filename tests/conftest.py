@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import runpy
+import signal
 import subprocess
 import sys
 import tempfile
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import ddpm.runs.cli  # noqa: F401 - registers the ${ddpm.*} resolvers the configs use
@@ -73,11 +81,65 @@ def run_entry(
     )
 
 
+def call_entry(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``python SCRIPT ARGS`` in this process, as ``run_entry`` runs it in another:
+    SCRIPT is a path under the repository (train.py, sample.py, benchmarks/x.py) or, for
+    ``python -m``, a module name. The same Hydra main (composition, PrepareFirst, the run
+    folder and its log), the exit status from ``SystemExit``, the console output; without
+    the ~7 s interpreter start and imports. For tests where the process boundary is not
+    what is tested: a -m sweep runs its jobs here too (the basic launcher), DDP ranks
+    still start processes. What a run changes in this process (argv, sys.path, cwd,
+    environment, signal and logging handlers, deterministic algorithms, Hydra's
+    singletons) is put back afterwards."""
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_path, saved_cwd = sys.argv, list(sys.path), os.getcwd()
+    saved_env = dict(os.environ)
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    path = ROOT / script
+    sys.argv = [str(path) if script.endswith(".py") else script, *args]
+    if script.endswith(".py"):
+        sys.path.insert(0, str(path.parent))  # as python puts the script's folder first
+    os.chdir(cwd)
+    code = 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                if script.endswith(".py"):
+                    runpy.run_path(str(path), run_name="__main__")
+                else:  # imported already here, unlike in a fresh interpreter: no warning
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", ".*found in sys.modules", RuntimeWarning)
+                        runpy.run_module(script, run_name="__main__", alter_sys=True)
+            except SystemExit as exit_:
+                if isinstance(exit_.code, str):  # raise SystemExit("error: ..."): exit 1
+                    print(exit_.code, file=sys.stderr)
+                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
+        for handler in root.handlers:
+            if handler not in saved_handlers:
+                handler.close()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        torch.use_deterministic_algorithms(deterministic)
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny run through train.py (no logger, no FID): its run folder. Read-only."""
+    """One tiny run through train.py's main (no logger, no FID): its run folder. Read-only."""
     work = tmp_path_factory.mktemp("tiny_run")
-    result = run_entry(
+    result = call_entry(
         "train.py", *TINY, "logger=none", "eval=null", f"hydra.run.dir={work / 'run'}", cwd=work
     )
     assert result.returncode == 0, result.stderr[-3000:]

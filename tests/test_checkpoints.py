@@ -22,7 +22,7 @@ from ddpm.runs.checkpoints import (
 from ddpm.runs.errors import UsageError
 from ddpm.runs.prepare import prepare
 from ddpm.utils.files import atomic_torch_save, sweep_partial_files
-from tests.conftest import ROOT, compose_train, run_entry
+from tests.conftest import ROOT, call_entry, compose_train
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_sample_refuses_a_malicious_checkpoint(ckpt, tmp_path):
     evil = torch.load(ckpt, weights_only=True)
     evil["payload"] = Exploit(marker)
     torch.save(evil, tmp_path / "evil.ckpt")
-    result = run_entry(
+    result = call_entry(
         "sample.py",
         f"ckpt_path={tmp_path / 'evil.ckpt'}",
         f"out_dir={tmp_path / 'out'}",
@@ -117,7 +117,7 @@ def test_sample_refuses_a_malicious_checkpoint(ckpt, tmp_path):
 def test_truncated_and_mismatched_checkpoints_get_their_message(ckpt, tmp_path):
     data = ckpt.read_bytes()
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
-    result = run_entry(
+    result = call_entry(
         "sample.py", f"ckpt_path={tmp_path / 'cut.ckpt'}", f"out_dir={tmp_path / 'o'}", cwd=tmp_path
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -128,7 +128,7 @@ def test_truncated_and_mismatched_checkpoints_get_their_message(ckpt, tmp_path):
     torch.save(other, tmp_path / "other.ckpt")
     with pytest.raises(UsageError, match=r"do not fit the network .* shape\(s\) differ"):
         load_module(tmp_path / "other.ckpt")  # what sample.py reports
-    result = run_entry(
+    result = call_entry(
         "sample.py",
         f"ckpt_path={tmp_path / 'other.ckpt'}",
         f"out_dir={tmp_path / 'o'}",

@@ -16,15 +16,15 @@ from ddpm.evaluation.features import extract_features, load_digits_feature_net
 from ddpm.evaluation.stats_file import ReferenceStats
 from ddpm.runs.errors import user_error
 from ddpm.runs.prepare import prepare
-from tests.conftest import ROOT, TINY, compose_train, run_entry
+from tests.conftest import ROOT, TINY, call_entry, compose_train, run_entry
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One tiny run through train.py with the default (W&B, offline) logger."""
+    """One tiny run through train.py's main with the default (W&B, offline) logger."""
     work = tmp_path_factory.mktemp("train")
     run_dir = work / "run"
-    result = run_entry("train.py", *TINY, f"hydra.run.dir={run_dir}", cwd=work)
+    result = call_entry("train.py", *TINY, f"hydra.run.dir={run_dir}", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
 
@@ -47,7 +47,7 @@ def test_sample_from_checkpoint_alone(trained, tmp_path):
     ckpt = tmp_path / "model.ckpt"  # away from its run dir: the checkpoint is enough
     shutil.copy(run_dir / "checkpoints" / "last.ckpt", ckpt)
     out = tmp_path / "out"
-    result = run_entry(
+    result = call_entry(
         "sample.py", f"ckpt_path={ckpt}", f"out_dir={out}", "num_samples=5", "seed=0", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -58,7 +58,7 @@ def test_sample_from_checkpoint_alone(trained, tmp_path):
     assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
 
     again = tmp_path / "again"
-    result = run_entry(
+    result = call_entry(
         "sample.py",
         f"ckpt_path={ckpt}",
         f"out_dir={again}",
@@ -86,7 +86,7 @@ def test_wandb_offline_run_holds_the_pictures_and_val_fid(trained):
 def test_sample_evaluate_writes_metrics_json(trained, tmp_path):
     run_dir, _ = trained
     out = tmp_path / "out"
-    result = run_entry(
+    result = call_entry(
         "sample.py",
         f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
         f"out_dir={out}",
@@ -108,7 +108,7 @@ def test_sample_evaluate_writes_metrics_json(trained, tmp_path):
 def test_sample_accepts_a_sampler_override(trained, tmp_path):
     run_dir, _ = trained
     out = tmp_path / "out"
-    result = run_entry(
+    result = call_entry(
         "sample.py",
         f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
         f"out_dir={out}",
@@ -199,9 +199,9 @@ def test_torchrun_processes_share_one_run_dir(tmp_path):
 def test_bad_input_fails_fast_with_one_clear_line(script, args, expected, tmp_path):
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
     result = (
-        run_entry(script, *args, "logger=none", cwd=tmp_path)
+        call_entry(script, *args, "logger=none", cwd=tmp_path)
         if script == "train.py"
-        else run_entry(script, *args, f"out_dir={tmp_path / 'o'}", cwd=tmp_path)
+        else call_entry(script, *args, f"out_dir={tmp_path / 'o'}", cwd=tmp_path)
     )
     assert result.returncode != 0
     assert expected in result.stderr
@@ -302,13 +302,11 @@ def test_console_scripts_find_their_configs(tmp_path):
 def test_quality_vs_steps_benchmark_runs_on_a_checkpoint(trained, tmp_path):
     run_dir, _ = trained
     out = tmp_path / "bench"
-    script = str(ROOT / "benchmarks" / "quality_vs_steps.py")
+    script = "benchmarks/quality_vs_steps.py"
     ckpt = str(run_dir / "checkpoints" / "last.ckpt")
     specs = ["ddim-3", "dpm_solver-3:solver=ode,spacing=logsnr", "edm-2:s_churn=5"]
     args = ["--ckpt", ckpt, "--num-samples", "8", "--batch-size", "4", "--out", str(out)]
-    result = subprocess.run(
-        [sys.executable, script, *args, *specs], capture_output=True, text=True, timeout=300
-    )
+    result = call_entry(script, *args, *specs, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
     # Heun: 2 steps - 1 evaluations
@@ -317,17 +315,13 @@ def test_quality_vs_steps_benchmark_runs_on_a_checkpoint(trained, tmp_path):
     assert (out / "fid_vs_nfe.png").is_file()
     assert (out / "grid_dpm_solver-3_solver=ode_spacing=logsnr.png").is_file()  # portable name
     assert "| ddim-3 | 3 |" in (out / "table.md").read_text()
-    bad = subprocess.run(
-        [sys.executable, script, "--ckpt", ckpt, "--out", str(out), "ddim"],
-        capture_output=True,
-        text=True,
-    )
+    bad = call_entry(script, "--ckpt", ckpt, "--out", str(out), "ddim", cwd=tmp_path)
     assert bad.returncode != 0 and "error: bad spec 'ddim'" in bad.stderr
 
 
 def test_class_conditional_run_samples_requested_classes(trained, tmp_path):
     run_dir = tmp_path / "cond"
-    result = run_entry(
+    result = call_entry(
         "train.py", "experiment=digits_cond", *TINY, "logger=none", f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )  # fmt: skip
@@ -337,7 +331,7 @@ def test_class_conditional_run_samples_requested_classes(trained, tmp_path):
     assert config["model"]["num_classes"] == 10  # taken from the data, stored with the weights
 
     def draw(*args):
-        return run_entry("sample.py", f"ckpt_path={ckpt}", "sampler.steps=3", *args, cwd=tmp_path)
+        return call_entry("sample.py", f"ckpt_path={ckpt}", "sampler.steps=3", *args, cwd=tmp_path)
 
     one = draw("sampler=ddim", f"out_dir={tmp_path / 'one'}", "num_samples=4", "class_label=3",
                "guidance_scale=2.0")  # fmt: skip
@@ -360,7 +354,7 @@ def test_class_conditional_run_samples_requested_classes(trained, tmp_path):
     assert np.array_equal(two["labels"], every_npz["labels"])
     bad = draw("sampler=ddim", f"out_dir={tmp_path / 'bad'}", "class_label=10")
     assert bad.returncode == 2 and "error: class_label=10 is out of range" in bad.stderr
-    plain = run_entry(
+    plain = call_entry(
         "sample.py", f"ckpt_path={trained[0] / 'checkpoints' / 'last.ckpt'}", "class_label=1",
         f"out_dir={tmp_path / 'plain'}", cwd=tmp_path,
     )  # fmt: skip
@@ -373,7 +367,7 @@ def test_edm_preset_trains_with_the_default_callbacks_and_samples_from_the_check
     preconditioning; DDIM and DPM-Solver++ sample the EDM-trained net too."""
     run_dir = tmp_path / "edm"
     tiny = [o for o in TINY if not o.startswith("sampler.")]
-    result = run_entry(
+    result = call_entry(
         "train.py", "experiment=digits_edm", *tiny, "sampler.steps=3", "logger=csv",
         f"hydra.run.dir={run_dir}", cwd=tmp_path,
     )  # fmt: skip
@@ -391,7 +385,7 @@ def test_edm_preset_trains_with_the_default_callbacks_and_samples_from_the_check
     assert len(list((run_dir / "samples").glob("grid_epoch=*_step=*.png"))) == 2
     for name, extra in (("edm", []), ("ddim", ["sampler=ddim", "sampler.steps=4"])):
         out = tmp_path / name
-        drawn = run_entry(
+        drawn = call_entry(
             "sample.py", f"ckpt_path={ckpt}", f"out_dir={out}", "num_samples=3", *extra,
             cwd=tmp_path,
         )  # fmt: skip

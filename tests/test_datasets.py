@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 
 from ddpm.data.datamodule import ImageDataModule
 from ddpm.runs.cli import train
-from tests.conftest import ROOT, TINY, compose_train, run_entry
+from tests.conftest import ROOT, TINY, call_entry, compose_train
 from tests.fabricate import write_cifar10, write_folder, write_mnist
 
 
@@ -210,7 +210,7 @@ def _run_the_documented_fid50k_command(ckpt: Path, tmp_path: Path) -> None:
     shrunk |= {"devices": "1", "accelerator": "cpu", "chunk_size": "5"}
     shrunk |= {"ckpt_path": str(ckpt), "out_dir": str(tmp_path / "fid50k")}
     args = [f"{k}={shrunk.get(k, v)}" for k, v in (a.split("=", 1) for a in args)]
-    result = run_entry("sample.py", *args, cwd=tmp_path)
+    result = call_entry("sample.py", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "fid50k" / "metrics.json").read_text())
     sampler = metrics["sampler"]

@@ -9,7 +9,7 @@ import torch
 
 from ddpm.runs.validation import ConfigError, validate_config
 from ddpm.training.guards import TrainerGuard
-from tests.conftest import compose_train, run_entry
+from tests.conftest import call_entry, compose_train
 from tests.test_resume import FAST
 
 
@@ -22,7 +22,7 @@ def _poison(*steps: int) -> list[str]:
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
-    result = run_entry(
+    result = call_entry(
         "train.py",
         *FAST,
         *_poison(5),
@@ -49,7 +49,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
 
 def test_skip_policy_skips_the_update_and_counts_it(tmp_path):
     run = tmp_path / "run"
-    result = run_entry(
+    result = call_entry(
         "train.py",
         *FAST,
         *_poison(2, 5),

@@ -19,7 +19,7 @@ from ddpm.runs.build import load_module
 from ddpm.runs.checkpoints import read_checkpoint
 from ddpm.runs.cli import train
 from ddpm.runs.legacy import MOVED_TARGETS, upgrade_targets
-from tests.conftest import ROOT, TINY, compose_train, run_entry
+from tests.conftest import ROOT, TINY, call_entry, compose_train
 
 FIXTURE = ROOT / "tests" / "data" / "pre_layout"
 CKPT = FIXTURE / "last.ckpt"
@@ -76,7 +76,7 @@ def test_a_pre_layout_checkpoint_loads_and_samples_what_it_sampled_before(tmp_pa
     assert all(torch.equal(module.state_dict()[k], v) for k, v in stored.items())
 
     out = tmp_path / "out"
-    result = run_entry(
+    result = call_entry(
         "sample.py", f"ckpt_path={CKPT}", f"out_dir={out}", "num_samples=8", "seed=0", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -95,7 +95,7 @@ def test_a_pre_layout_run_resumes_in_its_folder_and_continues_from_its_checkpoin
     before = read_checkpoint(CKPT)
     assert before["global_step"] == 4
 
-    resumed = run_entry("train.py", f"resume={run}", "trainer.max_steps=6", cwd=tmp_path)
+    resumed = call_entry("train.py", f"resume={run}", "trainer.max_steps=6", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert after["global_step"] == 6

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from ddpm.runs.cli import train
 from ddpm.runs.sampling import prepare_sample
 from ddpm.training.posthoc_ema import list_snapshots, reconstruct, sigma_rel_to_gamma
 from ddpm.training.power_ema import PowerEMA
-from tests.conftest import ROOT, TINY, compose_train, run_entry
+from tests.conftest import TINY, call_entry, compose_train
 from tests.test_resume import WITH_CALLBACKS, _load, _max_diff, _train
 
 POWER = ["callbacks.ema.snapshot_every=4"]  # ema=power is the default
@@ -30,7 +28,7 @@ def power_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``train.py ema=power`` with the default callbacks (grids, FID), 6 steps, snapshots
     every 4 steps and every checkpoint kept (steps 3 and 6). Read-only."""
     work = tmp_path_factory.mktemp("power_run")
-    result = run_entry(
+    result = call_entry(
         "train.py", *TINY, *POWER, "logger=none", "callbacks.checkpoint.save_top_k=-1",
         f"hydra.run.dir={work / 'run'}", cwd=work,
     )  # fmt: skip
@@ -135,7 +133,7 @@ def test_half_precision_snapshots_and_bad_settings(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             PowerEMA(**kwargs)
-    result = run_entry("train.py", *TINY, "+callbacks.ema.decay=0.99", cwd=tmp_path)
+    result = call_entry("train.py", *TINY, "+callbacks.ema.decay=0.99", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: callbacks.ema.decay belongs to ema=standard; ema=power takes "
@@ -149,7 +147,7 @@ def test_sample_py_sweeps_posthoc_ema_lengths_with_m(power_run, tmp_path):
     """``sample.py -m ... ema_std=null,0.08``: one folder per job; null draws the
     checkpoint's own weights, 0.08 the EMA rebuilt at the checkpoint's step."""
     ckpt = power_run / "checkpoints" / "last.ckpt"
-    result = run_entry("sample.py", "-m", f"ckpt_path={ckpt}", "num_samples=4", "device=cpu",
+    result = call_entry("sample.py", "-m", f"ckpt_path={ckpt}", "num_samples=4", "device=cpu",
                        "ema_std=null,0.08", f"out_dir={tmp_path}", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     plain, rebuilt = (json.loads((tmp_path / j / "samples.json").read_text()) for j in "01")
@@ -164,7 +162,7 @@ def test_bad_ema_std_is_refused_in_one_line(power_run, standard_run, tmp_path):
     """Out of range (through sample.py: one stderr line, exit 2, nothing written), a run
     without snapshots, a checkpoint before the first snapshot."""
     last = power_run / "checkpoints" / "last.ckpt"
-    result = run_entry("sample.py", f"ckpt_path={last}", "ema_std=0.5",
+    result = call_entry("sample.py", f"ckpt_path={last}", "ema_std=0.5",
                        f"out_dir={tmp_path / 'out'}", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -185,10 +183,10 @@ def test_bad_ema_std_is_refused_in_one_line(power_run, standard_run, tmp_path):
 
 
 def test_ema_sweep_benchmark_writes_table_plot_and_best(power_run, tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks" / "ema_sweep.py"), str(power_run),
-               "--stds", "0.05,0.15,0.2", "--num-samples", "8", "--out", str(tmp_path),
-               "--baseline", str(power_run / "checkpoints" / "last.ckpt")]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    script = "benchmarks/ema_sweep.py"
+    args = [str(power_run), "--stds", "0.05,0.15,0.2", "--num-samples", "8", "--out",
+            str(tmp_path), "--baseline", str(power_run / "checkpoints" / "last.ckpt")]  # fmt: skip
+    result = call_entry(script, *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["name"] for r in rows] == [
@@ -199,5 +197,5 @@ def test_ema_sweep_benchmark_writes_table_plot_and_best(power_run, tmp_path):
     assert rows[3]["fid"] == pytest.approx(rows[0]["fid"], rel=1e-2)  # 0.15 is the tracked
     assert "best: ema_std=" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "fid_vs_ema_std.png").stat().st_size > 1000
-    bad = subprocess.run([*command[:3], "--stds", "0.5"], capture_output=True, text=True)
+    bad = call_entry(script, str(power_run), "--stds", "0.5", cwd=tmp_path)
     assert bad.returncode != 0 and "--stds=0.5 is not allowed" in bad.stderr

@@ -18,7 +18,7 @@ from ddpm.runs.cli import train
 from ddpm.runs.errors import UsageError
 from ddpm.runs.prepare import prepare
 from ddpm.runs.resume import apply_resume
-from tests.conftest import ROOT, compose_train, run_entry
+from tests.conftest import ROOT, call_entry, compose_train, run_entry
 
 # Small, deterministic CPU runs: 1,761 training digits at batch 64 = 27 batches per epoch,
 # so step 20 is mid-epoch and 40 lies in the second epoch.
@@ -72,7 +72,7 @@ WITH_CALLBACKS = [
 
 
 def _train(run_dir: Path, cwd: Path, *args: str) -> None:
-    result = run_entry("train.py", *args, f"hydra.run.dir={run_dir}", cwd=cwd)
+    result = call_entry("train.py", *args, f"hydra.run.dir={run_dir}", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -191,7 +191,7 @@ def test_resume_auto_starts_then_continues_a_run(tmp_path):
     starts the run, the second continues it although the command repeats group choices."""
     auto = tmp_path / "auto"
     for steps in (2, 4):
-        result = run_entry(
+        result = call_entry(
             "train.py",
             *WITH_CALLBACKS,
             f"trainer.max_steps={steps}",
@@ -205,7 +205,7 @@ def test_resume_auto_starts_then_continues_a_run(tmp_path):
         assert _load(auto / "checkpoints" / "last.ckpt")["global_step"] == steps
     assert sorted(p.name for p in (auto / "checkpoints").iterdir())[-1] == "last.ckpt"
     # requeued after it finished: nothing to do, and no error
-    result = run_entry(
+    result = call_entry(
         "train.py",
         *WITH_CALLBACKS,
         "trainer.max_steps=4",
@@ -262,8 +262,10 @@ def _interrupt(run: Path, signum: int, extra: list[str], cwd: Path) -> tuple[str
     return stderr, _load(run / "checkpoints" / "last.ckpt")["global_step"]
 
 
-def _resume_to(run: Path, steps: int, cwd: Path) -> None:
-    result = run_entry("train.py", f"resume={run}", f"trainer.max_steps={steps}", cwd=cwd)
+def _resume_to(run: Path, steps: int, cwd: Path, entry=call_entry) -> None:
+    """``train.py resume=RUN`` to ``steps``; ``entry=run_entry`` for DDP, whose ranks
+    Lightning starts as processes of the command."""
+    result = entry("train.py", f"resume={run}", f"trainer.max_steps={steps}", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == steps
 
@@ -291,7 +293,7 @@ def test_sigterm_stops_both_ddp_ranks_at_one_step_and_the_run_resumes(tmp_path):
     stderr, step = _interrupt(run, signal.SIGTERM, ddp, tmp_path)
     assert stderr.count("stopped by SIGTERM after step") == 1  # said once, by rank 0
     assert step % 5 == 0  # the ranks stop at a step where they compare flags
-    _resume_to(run, step + 2, tmp_path)
+    _resume_to(run, step + 2, tmp_path, entry=run_entry)
 
 
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.conftest import TINY, run_entry
+from tests.conftest import TINY, call_entry
 
 
 def test_grid_sweep_keeps_the_good_jobs_when_others_crash_or_are_invalid(tmp_path):
     """Four jobs: one diverges (non-finite loss), two have an invalid value, one is fine."""
     sweep = tmp_path / "sweep"
-    result = run_entry(
+    result = call_entry(
         "train.py",
         "-m",
         *TINY,
@@ -22,7 +22,6 @@ def test_grid_sweep_keeps_the_good_jobs_when_others_crash_or_are_invalid(tmp_pat
         "optimizer.lr=1e-3,-1",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
-        timeout=600,
     )
     assert result.returncode == 1  # the sweep reports that jobs failed ...
     assert "error: optimizer.lr=-1 is not allowed" in result.stdout + result.stderr
@@ -38,7 +37,7 @@ def test_grid_sweep_keeps_the_good_jobs_when_others_crash_or_are_invalid(tmp_pat
 def test_optuna_search_finishes_two_trials_with_their_results(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "optuna"
-    result = run_entry(
+    result = call_entry(
         "train.py",
         "hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
@@ -47,7 +46,6 @@ def test_optuna_search_finishes_two_trials_with_their_results(tmp_path):
         "logger=csv",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
-        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())

@@ -7,7 +7,7 @@ import pytest
 from ddpm.runs.errors import UsageError
 from ddpm.runs.prepare import prepare
 from ddpm.runs.validation import ConfigError, validate_config
-from tests.conftest import TINY, compose_train, run_entry
+from tests.conftest import TINY, call_entry, compose_train
 
 
 def test_every_shipped_config_passes():
@@ -108,7 +108,7 @@ def test_seed_null_is_refused_when_torchrun_or_srun_started_the_processes(tmp_pa
 )
 def test_train_py_stops_before_writing_anything(args, expected, tmp_path):
     (tmp_path / "afile").write_text("a file, not a folder")
-    result = run_entry("train.py", *args, cwd=tmp_path)
+    result = call_entry("train.py", *args, cwd=tmp_path)
     assert result.returncode == 2
     assert expected in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
