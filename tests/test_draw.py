@@ -26,15 +26,17 @@ from ddpm.evaluation.metrics import evaluate_images, frechet_distance
 from ddpm.evaluation.reference import file_reference
 from ddpm.evaluation.stats_file import FeatureMoments, ReferenceStats
 from ddpm.runs.build import load_module
+from ddpm.runs.draw import ChunkWriter
 from ddpm.runs.draw_files import merge_samples, save_chunk
 from ddpm.runs.errors import UsageError
 from ddpm.runs.sampling import draw, prepare_sample
 from ddpm.utils.images import to_uint8
-from tests.conftest import CONF, ROOT
+from tests.conftest import CONF, ROOT, call_entry
 
 FAST = ["sampler=ddim", "sampler.steps=3", "accelerator=cpu"]
 
 
+@pytest.mark.slow  # two 2-process starts and 3,200 draws (~50 s): see the test below
 def test_a_killed_two_process_draw_ends_with_what_one_process_draws(tiny_run, tmp_path):
     """Two gloo processes, killed (SIGKILL, no chance to clean up) once a few chunks are
     on disk, one chunk then damaged; the same command again draws only what is missing.
@@ -110,6 +112,53 @@ def _peak_rss_mb(ckpt: Path, out: Path, num_samples: int, cwd: Path) -> float:
     return int(result.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss is in KiB
 
 
+class _Died(RuntimeError):
+    """What a process dies of, in-process: an error out of the chunk writer."""
+
+
+def test_a_draw_that_died_continues_where_it_stopped(tiny_run, tmp_path, monkeypatch, capsys):
+    """In-process, the path sample.py takes: a draw dies after three chunks (chunk files
+    are written whole, so what a kill leaves is the same), one chunk is then damaged; the
+    same command draws only what is missing and ends with the images and FID/KID of an
+    uninterrupted draw, bit for bit. (Two processes killed mid-draw: the slow test above.)"""
+    ckpt = tiny_run / "checkpoints" / "last.ckpt"
+    args = [f"ckpt_path={ckpt}", "sampler=ddpm", "accelerator=cpu", "num_samples=60",
+            "chunk_size=10", "batch_size=4", "evaluate=true"]  # fmt: skip
+    one, cut = tmp_path / "one", tmp_path / "cut"
+    cfg = _compose_sample([*args, f"out_dir={one}"])
+    draw(cfg, prepare_sample(cfg))
+    write = ChunkWriter._write
+
+    def dies_after_three(self, chunk, count, data):
+        if self.written == 30:
+            raise _Died("killed")
+        write(self, chunk, count, data)
+
+    monkeypatch.setattr(ChunkWriter, "_write", dies_after_three)
+    cfg = _compose_sample([*args, f"out_dir={cut}"])
+    with pytest.raises(_Died):
+        draw(cfg, prepare_sample(cfg))
+    monkeypatch.undo()
+    done = sorted((cut / "chunks").glob("chunk-*.npz"))
+    assert len(done) == 3 and not (cut / "samples.npz").exists()
+    done[0].write_bytes(b"half a file")
+    capsys.readouterr()
+    cfg = _compose_sample([*args, f"out_dir={cut}"])
+    draw(cfg, prepare_sample(cfg))
+    printed = capsys.readouterr().out
+    assert "continuing the draw in" in printed and "20 of 60 samples are there" in printed
+    assert f"{done[0].name} is unreadable" in printed
+    a, b = np.load(one / "samples.npz"), np.load(cut / "samples.npz")
+    assert a["images"].shape == (60, 8, 8, 1) and np.array_equal(a["images"], b["images"])
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, cut))
+    for key in ("fid", "kid_mean", "kid_std"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-6), key
+    assert m1["resumed_samples"] == 0 and m2["resumed_samples"] == 20
+    pngs = sorted(p.name for p in (cut / "samples").iterdir())
+    assert pngs == [f"{i:05d}.png" for i in range(60)]
+
+
+@pytest.mark.slow  # 22,000 draws in two fresh processes (~20 s); RSS needs a process each
 def test_peak_memory_does_not_grow_with_the_number_of_samples(tiny_run, tmp_path):
     """2,000 and 20,000 digits samples with evaluate=true (batch_size=null, the default):
     the peaks differ by less than 64 MB (measured here: 14-27 MB, then flat to 40,000,
@@ -156,10 +205,8 @@ def test_reference_files_round_trip_and_foreign_files_are_checked(tiny_run, tmp_
     against the file equals scoring against the data; a pytorch-fid-layout file (mu and
     sigma only) loads; other feature spaces are refused in one line."""
     ref = tmp_path / "digits_train.npz"
-    made = subprocess.run(
-        [sys.executable, "-m", "ddpm.evaluation.reference", "data=digits", "split=train",
-         f"out={ref}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    made = call_entry("ddpm.evaluation.reference", "data=digits", "split=train", f"out={ref}",
+                      cwd=tmp_path)  # fmt: skip
     assert made.returncode == 0, made.stderr[-3000:]
     stats, net = ReferenceStats.load(ref), load_digits_feature_net()
     assert stats.mu.shape == (128,) and stats.sigma.shape == (128, 128)
