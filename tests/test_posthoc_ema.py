@@ -118,6 +118,29 @@ def test_reconstruction_returns_a_tracked_average_and_rebuilds_an_untracked_one(
     assert error < 0.05 * min((avg05 - direct).norm(), (avg10 - direct).norm())
 
 
+@pytest.mark.parametrize(
+    ("steps", "out_std"),
+    [
+        (list(range(100, 1700, 100)), 0.3),  # 16 snapshots, outside the tracked stds
+        (list(range(100, 1700, 100)), 0.10),  # 16 snapshots, inside
+        ([100, 200], 0.01),  # an early checkpoint: 2 snapshot steps, far outside
+        ([100, 200, 300, 400], 0.02),
+    ],
+)
+def test_reconstruction_weights_sum_to_one_and_keep_a_constant(steps, out_std):
+    """An average's weights sum to 1 (NVlabs/edm2 phema.py divides the least-squares
+    solution by its sum): weights that never moved reconstruct to themselves, at any
+    std and from any number of snapshots (tracked stds 0.05 and 0.15)."""
+    tracked = [sigma_rel_to_gamma(s) for s in (0.05, 0.15)]
+    all_steps = [t for t in steps for _ in tracked]
+    gammas = [g for _ in steps for g in tracked]
+    x = reconstruction_weights(all_steps, gammas, steps[-1], sigma_rel_to_gamma(out_std))
+    assert float(x.sum()) == pytest.approx(1.0, abs=1e-12)
+    constant = torch.linspace(-2, 3, 50)
+    rebuilt = combine([{"w": constant.clone()} for _ in all_steps], x)["w"]
+    assert torch.allclose(rebuilt, constant, atol=1e-6)
+
+
 def test_the_averaged_model_follows_algorithm_1():
     """PowerAveragedModel's averages (all tracked stds) equal the plain loop above."""
     net = nn.Linear(4, 3)

@@ -72,7 +72,11 @@ def reconstruction_weights(
     steps: list[int], gammas: list[float], out_step: int, out_gamma: float
 ) -> Tensor:
     """EDM2 Algorithm 3: the least-squares weights x with sum_i x_i p_i ~ p_out, from
-    A x = b with A_ij = <p_i, p_j> and b_i = <p_i, p_out>. Returns [num_snapshots] float64.
+    A x = b with A_ij = <p_i, p_j> and b_i = <p_i, p_out>, then divided by their sum (as
+    NVlabs/edm2 ``solve_posthoc_coefficients``): an average's weights sum to 1, so weights
+    that never moved stay where they are, also for a length outside the tracked ones or
+    from a few snapshots, where the bare solution sums to 0.6-0.9. Returns
+    [num_snapshots] float64.
 
     A is scaled to unit diagonal before the solve (the same minimiser, better conditioned:
     the profiles' norms grow like 1/t)."""
@@ -85,7 +89,8 @@ def reconstruction_weights(
     scale = a.diagonal().rsqrt()  # [N]
     a_scaled = a * scale[:, None] * scale[None, :]
     x = torch.linalg.lstsq(a_scaled, (b * scale)[:, None], driver="gelsd").solution[:, 0]
-    return x * scale
+    x = x * scale
+    return x / x.sum()
 
 
 def combine(states: list[dict[str, Tensor]], weights: Tensor) -> dict[str, Tensor]:
