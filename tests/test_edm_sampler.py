@@ -6,9 +6,15 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from ddpm import EDMSampler
-from ddpm.diffusion.preconditioning import EDMPrecond, PreconditionedModel
+from ddpm.diffusion.preconditioning import (
+    EDMPrecond,
+    IDDPMPrecond,
+    PreconditionedModel,
+    VEPrecond,
+)
 from ddpm.diffusion.rng import sample_generators
 from ddpm.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
 from ddpm.diffusion.schedules import NoiseSchedule, karras_sigmas
@@ -164,3 +170,67 @@ def test_bad_edm_sampler_values_are_refused_in_one_line():
         EDMSampler(steps=None)
     with pytest.raises(ValueError, match=r"leave nothing of the schedule's sigma range"):
         EDMSampler(sigma_min=200, sigma_max=300).sigmas(NoiseSchedule.from_name("edm"))
+
+
+class _Recorder(torch.nn.Module):
+    """A network F that records what it is called with (its input and c_noise) and
+    returns zeros."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Tensor, Tensor]] = []
+
+    def forward(self, x: Tensor, c_noise: Tensor, **_: object) -> Tensor:
+        self.calls.append((x.clone(), c_noise.clone()))
+        return torch.zeros_like(x)
+
+
+def test_churn_evaluates_the_net_at_the_sigma_the_step_uses():
+    """s_churn=10 over 5 steps: sigma^ = 80 (1 + 0.41) = 113 lies above the grid's 80, where
+    the net can only be told 80. sigma^ is clamped to the grid before the churn noise, as
+    EDM's round_sigma clamps a discrete net's (so the first step adds none), and the net's
+    input is c_in(sigma) x of the chain's own x at the sigma in its c_noise."""
+    schedule = NoiseSchedule.from_name("edm", num_timesteps=100)
+    precond, net = EDMPrecond(sigma_data=0.5), _Recorder()
+    model = PreconditionedModel(net, precond, schedule)
+    latent = torch.ones(1, 1, 2, 2)
+    EDMSampler(steps=5, s_churn=10, solver="euler").sample(
+        model, schedule, latent.shape, prediction_type="sample", x_T=latent
+    )
+    x, c_noise = net.calls[0]
+    sigma = (4 * c_noise).exp().double()  # c_noise = ln(sigma) / 4
+    assert sigma.item() == pytest.approx(80.0, rel=1e-5)
+    expected = 80.0 / math.sqrt(80.0**2 + 0.5**2)  # c_in(80) times x = 80 x_T
+    assert torch.allclose(x.double(), torch.full_like(x.double(), expected), rtol=1e-5)
+
+
+class _RecordingIDDPM(IDDPMPrecond):
+    """iDDPM preconditioning that records every sigma its coefficients are taken at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Tensor] = []
+
+    def coefficients(self, sigma: Tensor):
+        self.seen.append(sigma.detach().clone())
+        return super().coefficients(sigma)
+
+
+def test_the_sampler_keeps_to_the_preconditionings_range_and_grid():
+    """As NVlabs' sampler clamps to net.sigma_min/max and applies round_sigma: edm_ve's net
+    (trained on [0.02, 100]) is not sampled below 0.02, and edm_iddpm's is evaluated on
+    its own noise levels u_j, so c_in and c_out use the sigma whose index is c_noise."""
+    schedule = NoiseSchedule.from_name("edm")
+    ve = PreconditionedModel(_Recorder(), VEPrecond(), schedule)
+    sigmas = EDMSampler(steps=18).sigmas(schedule, ve)
+    assert min(sigmas[:-1]) == pytest.approx(0.02) and max(sigmas) == pytest.approx(80.0)
+    precond = _RecordingIDDPM()
+    model = PreconditionedModel(_Recorder(), precond, schedule)
+    u = precond._u.double()
+    for sigma in EDMSampler(steps=18).sigmas(schedule, model)[:-1]:
+        assert (u - sigma).abs().min().item() <= 1e-6 * sigma  # on the u grid
+    EDMSampler(steps=6, s_churn=5).sample(model, schedule, (1, 1, 2, 2), prediction_type="sample")
+    assert len(precond.seen) == 11
+    for sigma in torch.cat(precond.seen).double():
+        index = (u - sigma).abs().argmin()
+        assert (sigma - u[index]).abs().item() <= 1e-5 * sigma.item(), sigma

@@ -60,6 +60,12 @@ class Preconditioning:
         """The span of ln(sigma) the loss-by-noise-level chart covers."""
         return math.log(self.sigma_min), math.log(self.sigma_max)
 
+    def round_sigma(self, sigma: Tensor, lo: float = 0.0, hi: float = math.inf) -> Tensor:
+        """The noise level the network is evaluated at for ``sigma`` (which lies in [lo,
+        hi]): sigma itself, unless the network knows a discrete set of levels (iDDPM; EDM's
+        ``round_sigma``), of which the nearest inside [lo, hi] is taken."""
+        return sigma
+
 
 class EDMPrecond(Preconditioning):
     """EDM (Table 1, last column): c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd /
@@ -214,6 +220,15 @@ class IDDPMPrecond(Preconditioning):
         j = torch.randint(0, self.m, (n,), device=device, generator=generator)
         return self._grid(j.device).gather(0, j)
 
+    def round_sigma(self, sigma: Tensor, lo: float = 0.0, hi: float = math.inf) -> Tensor:
+        """Each sigma replaced by the nearest u_j inside [lo, hi] (the schedule's grid may
+        end below u_0), in ``sigma``'s dtype and device."""
+        u = self._u.to(sigma.device, torch.float64)
+        slack = 1e-6  # relative: u_j are float32, the bounds float64
+        u = u[(u >= lo * (1 - slack)) & (u <= hi * (1 + slack))]
+        index = (sigma.double().reshape(-1, 1) - u[None, :]).abs().argmin(dim=1)  # [B, M] -> [B]
+        return u[index].reshape(sigma.shape).to(sigma.dtype)
+
 
 def _check_range(sigma_min: float, sigma_max: float) -> None:
     if not 0 < float(sigma_min) < float(sigma_max):
@@ -233,6 +248,10 @@ class PreconditionedModel:
 
     def __init__(self, net: Net, preconditioning: Preconditioning, schedule: Any) -> None:
         self.net, self.preconditioning, self.schedule = net, preconditioning, schedule
+        # the noise levels the net was trained for, which EDMSampler keeps to (as NVlabs'
+        # sampler keeps to net.sigma_min, net.sigma_max and net.round_sigma)
+        self.sigma_min, self.sigma_max = preconditioning.sigma_min, preconditioning.sigma_max
+        self.round_sigma = preconditioning.round_sigma
 
     def __call__(self, x_t: Tensor, t: Tensor, **conditioning: Any) -> Tensor:
         sigma = self.schedule.sigma_at(t)  # [B]

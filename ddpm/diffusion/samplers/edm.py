@@ -39,7 +39,12 @@ class EDMSampler(Sampler):
     ``PreconditionedModel`` maps it back to the same sigma) or ``nearest`` (each sigma
     rounded to the grid's nearest one, EDM's ``round_sigma`` for its iDDPM/DDPM nets). The
     output is turned into x_0 by the model's ``prediction_type``. [sigma_min, sigma_max] is
-    clamped to the schedule's range, as EDM clamps it to the network's.
+    clamped to the schedule's range, and to the range the model was trained for where it
+    says (``model.sigma_min``, ``model.sigma_max``: a ``PreconditionedModel``), as EDM
+    clamps it to the network's; every level, sigma^ of the churn included, is rounded by
+    ``model.round_sigma`` where the model has one (iDDPM's u_j grid, EDM's
+    ``round_sigma``), and sigma^ is clamped to the top of that range before the churn
+    noise is added, so the net is always told the sigma the step uses.
     """
 
     name = "edm"
@@ -90,21 +95,34 @@ class EDMSampler(Sampler):
     def nfe(self, schedule: NoiseSchedule, prediction_type: str = "epsilon") -> int:
         return 2 * self.steps - 1 if self.solver == "heun" else self.steps
 
-    def sigmas(self, schedule: NoiseSchedule) -> list[float]:
-        """The N noise levels of Eq. 5 within the schedule's range (rounded to the grid
-        with ``nearest``), then 0: N + 1 host floats."""
+    def sigmas(self, schedule: NoiseSchedule, model: Model | None = None) -> list[float]:
+        """The N noise levels of Eq. 5 within the range of the schedule and of ``model``
+        (``_range``), rounded as the model and ``sigma_to_t`` say, then 0: N + 1 host
+        floats."""
+        lo, hi = self._range(schedule, model)
+        sigmas = self._round(schedule, model, karras_sigmas(self.steps, lo, hi, self.rho))
+        return [*sigmas.tolist(), 0.0]
+
+    def _range(self, schedule: NoiseSchedule, model: Model | None) -> tuple[float, float]:
+        """[sigma_min, sigma_max] clamped to the schedule's grid and to the noise levels
+        the model was trained for, where it says (EDM's net.sigma_min / sigma_max)."""
         grid_min, grid_max = schedule.sigma_range()
-        lo, hi = max(self.sigma_min, grid_min), min(self.sigma_max, grid_max)
+        lo = max(self.sigma_min, grid_min, float(getattr(model, "sigma_min", 0.0)))
+        hi = min(self.sigma_max, grid_max, float(getattr(model, "sigma_max", math.inf)))
         if lo >= hi:
             raise ValueError(
                 f"sampler.sigma_min={self.sigma_min} and sigma_max={self.sigma_max} leave "
                 f"nothing of the schedule's sigma range [{grid_min:.4g}, {grid_max:.4g}]"
             )
-        sigmas = self._round(schedule, karras_sigmas(self.steps, lo, hi, self.rho))
-        return [*sigmas.tolist(), 0.0]
+        return lo, hi
 
-    def _round(self, schedule: NoiseSchedule, sigmas: Tensor) -> Tensor:
-        """``nearest``: each sigma replaced by the grid's nearest (float64 [N])."""
+    def _round(self, schedule: NoiseSchedule, model: Model | None, sigmas: Tensor) -> Tensor:
+        """Each sigma (float64 [N]) as the model rounds it within ``_range``
+        (``model.round_sigma``, EDM's round_sigma), then with ``nearest`` replaced by the
+        grid's nearest."""
+        round_sigma = getattr(model, "round_sigma", None)
+        if round_sigma is not None:
+            sigmas = round_sigma(sigmas, *self._range(schedule, model))
         if self.sigma_to_t != "nearest":
             return sigmas
         t = schedule.t_for_sigma(sigmas, nearest=True).long()
@@ -131,10 +149,13 @@ class EDMSampler(Sampler):
         nearest timestep, the VP-scaled image and the x_0 estimate."""
         check_prediction_type(prediction_type, schedule)
         device = schedule.betas.device
-        n, sigmas = self.steps, self.sigmas(schedule)
-        # sigma^ of each step (churn, Algorithm 2 lines 4-5), decided before the chain
-        hats = [sigma * (1 + self._gamma(sigma)) for sigma in sigmas[:-1]]
-        hats = self._round(schedule, torch.tensor(hats, dtype=torch.float64)).tolist()
+        n, sigmas = self.steps, self.sigmas(schedule, model)
+        # sigma^ of each step (churn, Algorithm 2 lines 4-5), decided before the chain and
+        # kept within the range the net can be told: above it, the net would be evaluated
+        # at the top of the grid while c_in, c_out and the step used sigma^
+        top = self._range(schedule, model)[1]
+        hats = [min(sigma * (1 + self._gamma(sigma)), max(top, sigma)) for sigma in sigmas[:-1]]
+        hats = self._round(schedule, model, torch.tensor(hats, dtype=torch.float64)).tolist()
         # the timestep of every noise level the network is evaluated at: one host pass
         points = sorted({*hats, *sigmas[1:-1]})
         t_values = schedule.t_for_sigma(torch.tensor(points), self._nearest()).tolist()
