@@ -4,6 +4,7 @@ real train.py processes and real signals."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from ddpm.runs.cli import train
 from ddpm.runs.errors import UsageError
 from ddpm.runs.prepare import prepare
 from ddpm.runs.resume import apply_resume
-from tests.conftest import ROOT, call_entry, compose_train, run_entry
+from tests.conftest import ROOT, TINY, call_entry, compose_train, run_entry
 
 # Small, deterministic CPU runs: 1,761 training digits at batch 64 = 27 batches per epoch,
 # so step 20 is mid-epoch and 40 lies in the second epoch.
@@ -184,6 +185,24 @@ def test_resume_refuses_what_it_cannot_continue(tiny_run, tmp_path):
     )
     with pytest.raises(CheckpointError, match=r"model\.base_channels: checkpoint 8, this run 16"):
         prepare(other)
+
+
+def test_a_run_folder_is_never_started_over(tiny_run, tmp_path):
+    """train.py hydra.run.dir=DIR on a DIR that holds a run, without resume=: refused in
+    one line naming resume=DIR and a fresh folder; the run's files stay as they were."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = call_entry(
+        "train.py", *TINY, "logger=none", "eval=null", f"hydra.run.dir={run}", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {run} holds a run already (checkpoints/last.ckpt): continue it with "
+        f"resume={run}, or start a new run in a fresh folder (hydra.run.dir=NEW_DIR)"
+    ]
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
 
 
 def test_resume_auto_starts_then_continues_a_run(tmp_path):

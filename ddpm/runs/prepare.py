@@ -64,6 +64,25 @@ def check_writable(folder: Path) -> None:
         )
 
 
+# What says a folder holds a run: its files that a new run there would overwrite or mix
+RUN_MARKERS = ("checkpoints/last.ckpt", "checkpoints/*.ckpt", "config.yaml", "ema_snapshots/*.pt")
+
+
+def check_fresh(folder: Path) -> None:
+    """Refuse to start a run in a folder that holds one: a new run there would overwrite
+    its checkpoints and config and mix its EMA snapshots. Checked by the first process
+    only (the others start once it has written the folder)."""
+    ranks = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
+    if any(os.environ.get(key, "0") not in ("", "0") for key in ranks) or not folder.is_dir():
+        return
+    found = next((m for m in RUN_MARKERS if next(folder.glob(m), None) is not None), None)
+    if found is not None:
+        raise UsageError(
+            f"{folder} holds a run already ({found}): continue it with resume={folder}, "
+            "or start a new run in a fresh folder (hydra.run.dir=NEW_DIR)"
+        )
+
+
 def prepare(
     cfg: DictConfig, overrides: list[str] | None = None, groups: set[str] | None = None
 ) -> Prepared:
@@ -105,6 +124,8 @@ def prepare(
                 f"to train; pass a larger trainer.max_steps (e.g. trainer.max_steps={2 * step})"
             )
     check_writable(Path(cfg.paths.output_dir))
+    if cfg.get("resume") is None:  # resume= continues the run in its folder
+        check_fresh(Path(cfg.paths.output_dir))
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # fail on bad data before any training starts
     if datamodule.conditional:
