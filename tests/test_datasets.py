@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from PIL import Image
 
 from ddpm.data.datamodule import ImageDataModule
 from ddpm.runs.cli import train
@@ -84,6 +85,30 @@ def test_folder_with_class_subfolders_resizes_and_crops(tmp_path):
     assert dm.train_set.images.shape[1:] == (3, 16, 16)
     labels = torch.cat([dm.train_set.labels, dm.val_set.labels])
     assert sorted(labels.tolist()) == [0] * 6 + [1] * 6
+
+
+def test_loose_images_beside_class_subfolders(tmp_path):
+    """Images directly under root next to class subfolders have no class: such a folder
+    is unlabelled (every label 0, not the loose ones sharing the first class's), and a
+    class-conditional run refuses it in one line."""
+    write_folder(tmp_path, corrupt=False)
+    pixels = np.random.default_rng(1).integers(0, 256, size=(20, 20, 3), dtype=np.uint8)
+    for name in ("loose_a.png", "loose_b.png"):
+        Image.fromarray(pixels).save(tmp_path / name)
+    dm = ImageDataModule(name="folder", root=str(tmp_path), image_size=16, channels=3)
+    dm.setup("fit")
+    labels = torch.cat([dm.train_set.labels, dm.val_set.labels])
+    assert labels.tolist() == [0] * 14 and dm.num_classes == 1
+    dm = ImageDataModule(
+        name="folder", root=str(tmp_path), image_size=16, channels=3, conditional=True
+    )
+    with pytest.raises(ValueError) as info:
+        dm.setup("fit")
+    assert str(info.value) == (
+        f"data.conditional=true takes each image's class from its subfolder, but {tmp_path} "
+        "also has 2 images directly under it (loose_a.png, ...): move them into a class "
+        "subfolder, or train with data.conditional=false"
+    )
 
 
 def test_a_corrupt_file_stops_setup_naming_it(tmp_path):

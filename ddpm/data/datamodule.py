@@ -153,6 +153,13 @@ class ImageDataModule(L.LightningDataModule):
             return
         root = Path(self.root).expanduser() if self.root else Path("data")
         source = BUILDERS[self.name](root, self.download, self.channels)
+        if self.conditional and source.loose:
+            raise ValueError(
+                f"data.conditional=true takes each image's class from its subfolder, but "
+                f"{root} also has {len(source.loose)} images directly under it "
+                f"({source.loose[0].name}, ...): move them into a class subfolder, or train "
+                "with data.conditional=false"
+            )
         labels = source.labels
         if source.files is not None and self.in_memory:
             images, labels = decode_all(

@@ -29,6 +29,7 @@ class Source:
     labels: Tensor  # [N] int64
     images: Tensor | None = None  # [N, C, H, W] uint8
     files: list[Path] | None = None
+    loose: list[Path] | None = None  # folders: images beside class subfolders (no class)
 
 
 def _missing(what: str, where: Path, name: str) -> FileNotFoundError:
@@ -88,7 +89,10 @@ def load_cifar10(root: Path, download: bool, channels: int) -> Source:
 
 
 def load_folder(root: Path, download: bool, channels: int) -> Source:
-    """Every image file under ``root``; one subfolder per class gives labels (else 0)."""
+    """Every image file under ``root``. Labels come from class subfolders when every image
+    is in one (sorted names: 0, 1, ...); a folder with no subfolders, or with images
+    directly under ``root`` beside them (``loose``: they have no class), is unlabelled,
+    every label 0."""
     if not root.is_dir():
         raise FileNotFoundError(
             f"image folder {root} does not exist; set data.root=/path/to/images"
@@ -101,9 +105,17 @@ def load_folder(root: Path, download: bool, channels: int) -> Source:
     classes = sorted(
         {p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}
     )
+    loose = [p for p in files if len(p.relative_to(root).parts) == 1] if classes else []
+    if loose:
+        log.info(
+            "%s has %d images directly under it beside class subfolders: unlabelled",
+            root,
+            len(loose),
+        )
+        classes = []
     index = {c: i for i, c in enumerate(classes)}
     labels = [index.get(p.relative_to(root).parts[0], 0) for p in files]
-    return Source(labels=torch.tensor(labels, dtype=torch.long), files=files)
+    return Source(labels=torch.tensor(labels, dtype=torch.long), files=files, loose=loose)
 
 
 BUILDERS: dict[str, Callable[[Path, bool, int], Source]] = {
