@@ -186,7 +186,19 @@ def test_torchrun_processes_share_one_run_dir(tmp_path):
 @pytest.mark.parametrize(
     ("script", "args", "expected"),
     [
-        ("train.py", ["model=huge"], "Could not find 'model/huge'"),
+        (
+            "train.py",
+            ["model=huge"],
+            "error: model=huge is not an option of the model group; choose one of base, "
+            "ddpm_cifar10, small, tiny (conf/model/)",
+        ),
+        (
+            "train.py",
+            ["model.base_chanels=4"],
+            "error: model.base_chanels is not a key of the config (did you mean "
+            "model.base_channels?); a new key needs a +",
+        ),
+        ("sample.py", ["sampler=fast"], "error: sampler=fast is not an option of the sampler"),
         ("train.py", ["data.image_size=7"], "error: data.image_size=7 must be divisible by 2"),
         ("sample.py", ["ckpt_path=nowhere.ckpt"], "error: checkpoint not found: nowhere.ckpt"),
         (
@@ -203,9 +215,9 @@ def test_bad_input_fails_fast_with_one_clear_line(script, args, expected, tmp_pa
         if script == "train.py"
         else call_entry(script, *args, f"out_dir={tmp_path / 'o'}", cwd=tmp_path)
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert expected in result.stderr
-    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
     # nothing was written: no run folder, no log, no .hydra record
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.ckpt"]
 
