@@ -113,3 +113,23 @@ def test_train_py_stops_before_writing_anything(args, expected, tmp_path):
     assert expected in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no logs/, no run dir
+
+
+def test_a_schedule_under_the_edm_objective_is_said_to_set_only_the_sampling_grid(tmp_path, caplog):
+    """The default objective (EDM) draws its training sigmas from its preconditioning: a
+    schedule= choice then changes only the grid the samplers walk, and a line says so
+    (two runs that differ only there train the same net); under objective=ddpm it is
+    the training schedule, and nothing is said."""
+    for extra, said in (
+        (["schedule=linear"], True),
+        (["objective=ddpm", "schedule=linear"], False),
+    ):
+        caplog.clear()
+        cfg = compose_train(
+            [*TINY, *extra, "schedule.num_timesteps=50", "logger=none", "eval=null"],
+            tmp_path / "run",
+        )
+        with caplog.at_level("WARNING"):
+            prepare(cfg, extra, set())
+        note = "note: schedule=linear changes only the noise grid the samplers walk"
+        assert (note in caplog.text) is said, caplog.text

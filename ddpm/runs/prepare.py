@@ -8,6 +8,7 @@ creates the run folder).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from ddpm.training.precision import precision_plugin
 from ddpm.training.sample_quality import SampleQuality
 
 _SEED_ENV = "DDPM_RUN_SEED"
+log = logging.getLogger(__name__)
 
 
 class RunComplete(Exception):
@@ -123,6 +125,8 @@ def prepare(
                 f"{ckpt_path} is at step {step}, and trainer.max_steps={max_steps}: nothing "
                 f"to train; pass a larger trainer.max_steps (e.g. trainer.max_steps={2 * step})"
             )
+    for note in no_effect_notes(cfg, overrides or []):
+        log.warning("note: %s", note)
     check_writable(Path(cfg.paths.output_dir))
     if cfg.get("resume") is None:  # resume= continues the run in its folder
         check_fresh(Path(cfg.paths.output_dir))
@@ -158,6 +162,24 @@ def prepare(
         use_distributed_sampler=False,
     )
     return Prepared(cfg, datamodule, module, trainer, loggers, ckpt_path, step, guard)
+
+
+def no_effect_notes(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """One line for each command-line choice that does not change training under the
+    chosen objective: the schedule group under an EDM objective, which draws its training
+    noise levels from ``objective.preconditioning`` (the schedule is then only the grid the
+    samplers walk)."""
+    target = str(OmegaConf.select(cfg, "objective._target_", default=""))
+    if not target.endswith("EDMLoss"):
+        return []
+    given = [o.lstrip("+~") for o in overrides if o.lstrip("+~").startswith("schedule")]
+    if not given:
+        return []
+    return [
+        f"{' '.join(given)} changes only the noise grid the samplers walk: the EDM objective "
+        "draws its training noise levels from objective.preconditioning, so runs that differ "
+        "only in the schedule train the same network"
+    ]
 
 
 def multirun() -> bool:
