@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from ddpm import EDMSampler
+from ddpm import EDMSampler, UNet
 from ddpm.diffusion.preconditioning import (
     EDMPrecond,
     IDDPMPrecond,
@@ -234,3 +234,29 @@ def test_the_sampler_keeps_to_the_preconditionings_range_and_grid():
     for sigma in torch.cat(precond.seen).double():
         index = (u - sigma).abs().argmin()
         assert (sigma - u[index]).abs().item() <= 1e-5 * sigma.item(), sigma
+
+
+def test_the_default_edm_sampler_calls_a_discrete_schedule_net_with_fractional_float_t():
+    """The public call contract: ``model(x_t, t)`` takes t as a LongTensor of timesteps,
+    or, from EDMSampler with sigma_to_t=interpolate (the default), as a float tensor of
+    fractional timesteps, which the UNet's sinusoidal embedding takes as it is;
+    sigma_to_t=nearest passes integers."""
+    schedule = NoiseSchedule.from_name("cosine", num_timesteps=100)
+    net = UNet(image_size=8, in_channels=1, base_channels=8, channel_mults=(1, 2),
+               num_res_blocks=1, attention_resolutions=())  # fmt: skip
+    for sigma_to_t, fractional in (("interpolate", True), ("nearest", False)):
+        seen: list[Tensor] = []
+
+        def model(x_t: Tensor, t: Tensor, seen=seen) -> Tensor:
+            seen.append(t)
+            return net(x_t, t)
+
+        out = EDMSampler(steps=4, sigma_to_t=sigma_to_t).sample(model, schedule, (2, 1, 8, 8))
+        assert torch.isfinite(out).all() and len(seen) == 7
+        assert all(t.is_floating_point() is fractional for t in seen)
+        assert any((t != t.round()).any() for t in seen) is fractional
+        if fractional:  # the net's output at t = 36.4 lies between those at 36 and 37
+            x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                lo, mid, hi = (net(x, torch.tensor([v])) for v in (36.0, 36.4, 37.0))
+            assert not torch.equal(mid, lo) and not torch.equal(mid, hi)
