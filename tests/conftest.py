@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import traceback
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -117,6 +118,9 @@ def call_entry(script: str, *args: str, cwd: Path) -> subprocess.CompletedProces
                 if isinstance(exit_.code, str):  # raise SystemExit("error: ..."): exit 1
                     print(exit_.code, file=sys.stderr)
                 code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+            except Exception:  # what the interpreter does with an uncaught exception
+                traceback.print_exc()
+                code = 1
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
         os.chdir(saved_cwd)
