@@ -61,3 +61,22 @@ class RankProbe(L.Callback):
         self.record["t"] = torch.randint(0, num_timesteps, (batch[0].shape[0],), generator=replay)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+class BatchLog(L.Callback):
+    """Writes, per rank, the data indices of every training batch: {step: [indices]}."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.seen: dict[int, list[int]] = {}
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.seen[trainer.global_step] = batch[2].tolist()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"rank{trainer.global_rank}.pt"
+        earlier = torch.load(path) if path.is_file() else {}  # a resumed run adds its steps
+        torch.save({**earlier, **self.seen}, path)

@@ -7,6 +7,9 @@ training files, so it is the same on every run and every rank.
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,56 +20,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ddpm.data.batches import StepBatchSampler
-from ddpm.data.datasets import BUILDERS, decode_all, decode_image, keep_readable, verify_image
+from ddpm.data.datasets import BUILDERS
+from ddpm.data.decoded import decoded_images, verified_files
 from ddpm.data.fingerprint import combine, files_fingerprint, tensor_fingerprint
-
-
-class TensorImages(Dataset):
-    """uint8 images held in memory; yields (image [C, H, W] uint8, label, index)."""
-
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
-        return self.images[i], self.labels[i], i
-
-
-class Indices(Dataset):
-    """Yields only indices: the device-resident mode looks the images up on the device."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
-class FileImages(Dataset):
-    """Image files decoded on access (in the loader's workers); same items as TensorImages."""
-
-    def __init__(self, files: list[Path], labels: Tensor, image_size: int, channels: int) -> None:
-        self.files, self.labels = files, labels
-        self.image_size, self.channels = image_size, channels
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
-        return decode_image(self.files[i], self.image_size, self.channels), self.labels[i], i
-
+from ddpm.data.sets import FileImages, Indices, MappedImages, TensorImages, to_unit_range
+from ddpm.data.shards import ShardImages, chunk_of_items, read_manifest
 
 VAL_SIZE = 1000  # validation images with val_fraction=0, unless data.val_size says
-
-
-def to_unit_range(images: Tensor) -> Tensor:
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return images.float() / 127.5 - 1.0
 
 
 def resize_uint8(images: Tensor, size: int) -> Tensor:
@@ -89,10 +49,11 @@ class ImageDataModule(L.LightningDataModule):
         image_size: int = 8,
         channels: int = 1,
         batch_size: int = 64,
+        global_batch_size: int | None = None,
         val_fraction: float = 0.1,
         val_size: int | None = None,
         split_seed: int = 0,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         pin_memory: bool = False,
         feature_extractor: str = "digits",
         download: bool = False,
@@ -104,16 +65,24 @@ class ImageDataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
-        if name not in BUILDERS:
-            raise ValueError(f"data.name={name!r} is unknown; choose one of {sorted(BUILDERS)}")
+        if name not in (*BUILDERS, "shards"):
+            names = sorted([*BUILDERS, "shards"])
+            raise ValueError(f"data.name={name!r} is unknown; choose one of {names}")
         if name == "folder" and not root:
             raise ValueError("data=folder needs the images' location: data.root=/path/to/images")
+        if name == "shards" and not root:
+            raise ValueError(
+                "data=shards needs the shards' location: data.root=DIR (or s3://..., written "
+                "by python -m ddpm.data.shards SRC DST)"
+            )
         if image_size < 1:
             raise ValueError(f"data.image_size={image_size} must be a positive integer")
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels} must be 1 (grey) or 3 (RGB)")
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be a positive integer")
+        if global_batch_size is not None and global_batch_size < 1:
+            raise ValueError(f"data.global_batch_size={global_batch_size} must be >= 1, or null")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(
                 f"data.val_fraction={val_fraction} must lie in [0, 1) (0: train on every "
@@ -125,11 +94,13 @@ class ImageDataModule(L.LightningDataModule):
                 "subset of the training images) and must be a positive integer; with "
                 f"data.val_fraction={val_fraction:g} set data.val_size=null"
             )
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0, or null (automatic)")
         self.name, self.root, self.download = name, root, download
         self.image_size, self.channels = image_size, channels
         self.batch_size, self.val_fraction, self.split_seed = batch_size, val_fraction, split_seed
+        # per device; a recipe's global batch sets it once the device count is known
+        self.global_batch_size = global_batch_size
         self.val_size = val_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.feature_extractor = feature_extractor  # the FID/KID features suited to this data
@@ -147,9 +118,14 @@ class ImageDataModule(L.LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._content: str | None = None  # what identifies the pixels, where known cheaply
+        self._train_chunks: Tensor | None = None  # shards: the chunk of every training item
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
+            return
+        if self.name == "shards":
+            self._setup_shards()
             return
         root = Path(self.root).expanduser() if self.root else Path("data")
         source = BUILDERS[self.name](root, self.download, self.channels)
@@ -160,14 +136,13 @@ class ImageDataModule(L.LightningDataModule):
                 f"({source.loose[0].name}, ...): move them into a class subfolder, or train "
                 "with data.conditional=false"
             )
-        labels = source.labels
-        if source.files is not None and self.in_memory:
-            images, labels = decode_all(
+        labels, decoded = source.labels, None
+        if source.files is not None and self.in_memory:  # once per machine, memory-mapped
+            decoded, labels, self._content = decoded_images(
                 source.files, labels, self.image_size, self.channels, self.skip_bad_files
             )
-        elif source.files is not None:
-            images = None
-            source.files, labels = self._verify_files(source.files, labels)
+        elif source.files is not None:  # headers checked once per machine
+            source.files, labels = verified_files(source.files, labels, self.skip_bad_files)
         else:
             images = source.images
             if images.shape[1] != self.channels:
@@ -176,6 +151,39 @@ class ImageDataModule(L.LightningDataModule):
                     f"{images.shape[1]} channels; set data.channels={images.shape[1]}"
                 )
             images = resize_uint8(images, self.image_size)
+        train_idx, val_idx = self._split(labels)
+        if decoded is not None:
+            self.train_set = MappedImages(decoded, train_idx, labels[train_idx])
+            self.val_set = MappedImages(decoded, val_idx, labels[val_idx])
+        elif source.files is not None:
+            files, size, channels = source.files, self.image_size, self.channels
+            self.train_set = FileImages(
+                [files[i] for i in train_idx], labels[train_idx], size, channels
+            )
+            self.val_set = FileImages([files[i] for i in val_idx], labels[val_idx], size, channels)
+        else:
+            self.train_set = TensorImages(images[train_idx], labels[train_idx])
+            self.val_set = TensorImages(images[val_idx], labels[val_idx])
+
+    def _setup_shards(self) -> None:
+        """``data=shards``: the manifest's labels and chunks; items decoded on access."""
+        if self.in_memory:
+            raise ValueError(
+                "data=shards streams its images: set data.in_memory=false (data=shards does)"
+            )
+        manifest = read_manifest(str(self.root))
+        labels = torch.tensor(manifest["labels"], dtype=torch.long)
+        train_idx, val_idx = self._split(labels)
+        self._content = combine(json.dumps(manifest, sort_keys=True))
+        chunks = chunk_of_items(manifest["chunk_sizes"])  # [N]
+        self._train_chunks = chunks[train_idx]
+        root, size, channels = str(self.root), self.image_size, self.channels
+        self.train_set = ShardImages(root, train_idx, labels[train_idx], size, channels)
+        self.val_set = ShardImages(root, val_idx, labels[val_idx], size, channels)
+
+    def _split(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(train, val) indices: a fixed permutation of ``split_seed``, the same on every
+        run and rank; sets the class count and checks it for conditional runs."""
         n = labels.shape[0]
         self.num_classes = int(labels.max()) + 1 if n else 0
         if self.conditional and self.num_classes < 2:
@@ -188,26 +196,9 @@ class ImageDataModule(L.LightningDataModule):
             n_val = max(1, round(self.val_fraction * n))
             if n_val >= n:
                 raise ValueError(f"data set {self.name!r} has too few images ({n}) to split")
-            val_idx, train_idx = order[:n_val], order[n_val:]
-        else:  # every image trains (Ho et al.); validation on a fixed subset of them
-            val_idx, train_idx = order[: min(self.val_size or VAL_SIZE, n)], order
-        if images is not None:
-            self.train_set = TensorImages(images[train_idx], labels[train_idx])
-            self.val_set = TensorImages(images[val_idx], labels[val_idx])
-        else:
-            files = source.files
-            self.train_set = FileImages(
-                [files[i] for i in train_idx], labels[train_idx], self.image_size, self.channels
-            )
-            self.val_set = FileImages(
-                [files[i] for i in val_idx], labels[val_idx], self.image_size, self.channels
-            )
-
-    def _verify_files(self, files: list[Path], labels: Tensor) -> tuple[list[Path], Tensor]:
-        """Streaming mode: check every file's header at setup; a bad one stops the run, or
-        is dropped (with its label) when ``skip_bad_files``."""
-        kept, _ = keep_readable(files, verify_image, self.skip_bad_files)
-        return [files[i] for i in kept], labels[kept]
+            return order[n_val:], order[:n_val]
+        # every image trains (Ho et al.); validation on a fixed subset of them
+        return order, order[: min(self.val_size or VAL_SIZE, n)]
 
     def split_images(self, split: str) -> Tensor:
         """All images of ``split`` (``train``, ``val`` or ``all``), [N, C, H, W] in [-1, 1]."""
@@ -218,6 +209,27 @@ class ImageDataModule(L.LightningDataModule):
         if isinstance(dataset, TensorImages):
             return to_unit_range(dataset.images)
         return to_unit_range(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+
+    def split_size(self, split: str) -> int:
+        """The number of images of ``split`` (``train``, ``val`` or ``all``)."""
+        self.setup("fit")
+        if split == "all":
+            return sum(self.split_size(s) for s in self._splits_of_all())
+        return len(self._split_set(split))
+
+    def split_batches(self, split: str, batch_size: int = 500) -> Iterator[Tensor]:
+        """The images of ``split`` as uint8 batches [B, C, H, W], in order, decoded by the
+        loader's workers where they are files: the split is never held whole."""
+        self.setup("fit")
+        for part in self._splits_of_all() if split == "all" else [split]:
+            dataset = self._split_set(part)
+            if isinstance(dataset, TensorImages):
+                yield from dataset.images.split(batch_size)
+                continue
+            workers = self._workers(dataset)
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+            for images, _, _ in loader:
+                yield images
 
     def split_labels(self, split: str) -> Tensor:
         self.setup("fit")
@@ -243,11 +255,15 @@ class ImageDataModule(L.LightningDataModule):
             parts = [self.split_fingerprint(s) for s in self._splits_of_all()]
             return combine("all", *parts)
         dataset = self._split_set(split)
-        if isinstance(dataset, TensorImages):
+        if self._content is not None:  # the decode cache's key, or the shards' manifest
+            split_of = (self.split_seed, self.val_fraction, self.val_size)
+            content = combine(self._content, *split_of)
+        elif isinstance(dataset, TensorImages):
             content = tensor_fingerprint(dataset.images)
         else:
             content = files_fingerprint(dataset.files)
-        root = Path(self.root).expanduser().resolve() if self.root else ""
+        root = self.root if self.name == "shards" else ""
+        root = root or (Path(self.root).expanduser().resolve() if self.root else "")
         return combine(self.name, root, self.channels, self.image_size, split, content)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -284,6 +300,7 @@ class ImageDataModule(L.LightningDataModule):
             else (lambda: 0),
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
+            groups=self._train_chunks,  # shards: each rank reads its own chunks
         )
         return self._loader(self.train_set, batch_sampler=batch_sampler)
 
@@ -297,10 +314,22 @@ class ImageDataModule(L.LightningDataModule):
             )
         return self._loader(self.val_set, sampler=sampler, batch_size=self.batch_size)
 
+    def _workers(self, dataset: Dataset) -> int:
+        """``data.num_workers``, or when null: none for images in memory (a batch is a
+        slice), else the CPUs of this process's share of the machine, up to 8."""
+        if self.num_workers is not None:
+            return self.num_workers
+        if isinstance(dataset, TensorImages | MappedImages):
+            return 0
+        trainer = self.trainer
+        local = max(1, trainer.num_devices) if trainer is not None else 1
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        return max(1, min(8, cpus // local - 1))
+
     def _loader(self, dataset: Dataset, **order: Any) -> DataLoader:
+        workers = 0 if self.device_resident else self._workers(dataset)
         if self.device_resident:  # indices only: no workers, nothing to pin
             dataset = Indices(len(dataset))
-        workers = 0 if self.device_resident else self.num_workers
         return DataLoader(
             dataset,
             **order,

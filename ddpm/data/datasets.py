@@ -8,6 +8,7 @@ and folders of PNG/JPEG/WebP/BMP images. Nothing is downloaded unless ``download
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 from collections.abc import Callable
@@ -135,12 +136,14 @@ def bad_file(path: Path, exc: Exception) -> ValueError:
     )
 
 
-def decode_image(path: Path, image_size: int, channels: int) -> Tensor:
-    """One file -> uint8 [C, S, S]: resize the shorter side to S, then center-crop."""
+def decode_image(source: Path | bytes | memoryview, image_size: int, channels: int) -> Tensor:
+    """One image file (or its encoded bytes) -> uint8 [C, S, S]: resize the shorter side
+    to S, then center-crop."""
     from PIL import Image
     from torchvision.transforms import functional as TF
 
-    with Image.open(path) as image:
+    opened = io.BytesIO(bytes(source)) if isinstance(source, bytes | memoryview) else source
+    with Image.open(opened) as image:
         image = image.convert("L" if channels == 1 else "RGB")
         image = TF.center_crop(TF.resize(image, image_size, antialias=True), image_size)
         return TF.pil_to_tensor(image)
@@ -173,13 +176,3 @@ def keep_readable(
     if not kept:
         raise ValueError("no readable images left after skipping bad files")
     return kept, results
-
-
-def decode_all(
-    files: list[Path], labels: Tensor, image_size: int, channels: int, skip_bad_files: bool
-) -> tuple[Tensor, Tensor]:
-    """Decode every readable file once: uint8 [N, C, S, S] and the matching labels."""
-    kept, images = keep_readable(
-        files, lambda path: decode_image(path, image_size, channels), skip_bad_files
-    )
-    return torch.stack(images), labels[kept]
