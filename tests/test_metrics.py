@@ -129,8 +129,8 @@ def test_different_folders_at_one_size_get_their_own_statistics(tmp_path, net):
 
 def test_a_new_feature_net_version_recomputes_the_statistics(monkeypatch, digits, net):
     calls = []
-    real_split_images = digits.split_images
-    monkeypatch.setattr(digits, "split_images", lambda s: calls.append(s) or real_split_images(s))
+    real_split_batches = digits.split_batches
+    monkeypatch.setattr(digits, "split_batches", lambda s: calls.append(s) or real_split_batches(s))
     key, first = data_reference(digits, "val", "digits", net)  # computed or cached
     calls.clear()
     assert data_reference(digits, "val", "digits", net)[0] == key

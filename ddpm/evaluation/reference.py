@@ -12,12 +12,13 @@ writes such a file (see ``ddpm.runs.reference_cli``).
 from __future__ import annotations
 
 import runpy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ddpm.data.sets import to_unit_range
 from ddpm.evaluation.features import QUANTIZATION, extract_features, weights_hash
 from ddpm.evaluation.stats_file import ReferenceStats
 from ddpm.utils.files import cache_dir
@@ -47,13 +48,38 @@ def reference_stats(
     Returns (stats, computed_now). ``key`` names the data set, split, extractor and image
     size; ``load_images`` is only called on a miss; ``meta`` is recorded in the file.
     """
+    return cached_stats(
+        key,
+        lambda: ReferenceStats.from_features(
+            extract_features(extractor, load_images(), device=device), **(meta or {})
+        ),
+    )
+
+
+def cached_stats(key: str, compute: Callable[[], ReferenceStats]) -> tuple[ReferenceStats, bool]:
+    """The statistics cached under ``key``, else ``compute()``'s, cached. Returns (stats,
+    computed_now)."""
     path = cache_dir() / "reference" / f"{key}.npz"
     if path.is_file():
         return ReferenceStats.load(path), False
-    features = extract_features(extractor, load_images(), device=device)
-    stats = ReferenceStats.from_features(features, **(meta or {}))
+    stats = compute()
     stats.save(path)
     return stats, True
+
+
+def streamed_stats(
+    batches: Iterable[Tensor],
+    count: int,
+    extractor: nn.Module,
+    device: torch.device | str = "cpu",
+    meta: dict[str, str] | None = None,
+) -> ReferenceStats:
+    """Statistics of ``count`` images arriving as uint8 batches [B, C, H, W], extracted
+    batch by batch: memory stays at one batch and the KID sample, whatever ``count`` is.
+    (uint8 images are on the quantised levels already: the same features as the float
+    path's.)"""
+    features = (extract_features(extractor, to_unit_range(b), device=device) for b in batches)
+    return ReferenceStats.from_stream(features, count, **(meta or {}))
 
 
 def reference_key(
@@ -81,7 +107,10 @@ def data_reference(
         datamodule.split_fingerprint(split),
     )
     meta = {**extractor_meta(extractor_name, extractor), "data": datamodule.name, "split": split}
-    stats, _ = reference_stats(key, lambda: datamodule.split_images(split), extractor, device, meta)
+    count = datamodule.split_size(split)
+    stats, _ = cached_stats(
+        key, lambda: streamed_stats(datamodule.split_batches(split), count, extractor, device, meta)
+    )
     return key, stats
 
 

@@ -10,6 +10,7 @@ optionally, ``kid_features`` (a fixed sample of the features, which KID needs).
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,30 @@ class ReferenceStats:
     @classmethod
     def from_features(cls, features: Tensor, **meta: Any) -> ReferenceStats:
         """Statistics of ``features`` [N, D]; ``meta`` records what made them."""
-        moments = FeatureMoments(features.shape[1])
-        moments.update(features)
+        return cls.from_stream([features], features.shape[0], **meta)
+
+    @classmethod
+    def from_stream(cls, parts: Iterable[Tensor], count: int, **meta: Any) -> ReferenceStats:
+        """Statistics of ``count`` features arriving in ``parts`` ([B, D] each, in order),
+        in memory bounded by one part and the KID sample: the moments accumulate in
+        float64, and the KID sample is the same random subset ``from_features`` keeps."""
+        keep = torch.randperm(count, generator=torch.Generator().manual_seed(0))[:KID_MAX_REAL]
+        slot = torch.full((count,), -1, dtype=torch.long)  # [N]: where each kept one goes
+        slot[keep] = torch.arange(keep.shape[0])
+        moments, kid, seen = None, None, 0
+        for part in parts:
+            part = part.detach().float().cpu()  # [B, D]
+            if moments is None:
+                moments = FeatureMoments(part.shape[1])
+                kid = torch.zeros(keep.shape[0], part.shape[1])
+            moments.update(part)
+            where = slot[seen : seen + part.shape[0]]  # [B]
+            kid[where[where >= 0]] = part[where >= 0]
+            seen += part.shape[0]
+        if moments is None or seen != count:
+            raise ValueError(f"expected features of {count} images, got {seen}")
         mu, sigma = moments.mu_sigma()
-        keep = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(0))
-        kid = features[keep[:KID_MAX_REAL]].float().cpu()
-        return cls(mu, sigma, kid, {**meta, "num_images": int(features.shape[0])})
+        return cls(mu, sigma, kid, {**meta, "num_images": count})
 
     def save(self, path: Path, kid_features: bool = True) -> None:
         """Write the ``.npz`` (atomically: a killed write leaves no half file)."""

@@ -14,9 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import ddpm.runs.build  # noqa: F401 - registers the ${ddpm.*} resolvers the data configs use
-from ddpm.evaluation.features import build_feature_extractor, extract_features
-from ddpm.evaluation.reference import extractor_meta
-from ddpm.evaluation.stats_file import ReferenceStats
+from ddpm.evaluation.features import build_feature_extractor
+from ddpm.evaluation.reference import extractor_meta, streamed_stats
 from ddpm.runs.errors import UsageError, fail, user_error
 from ddpm.runs.prepare import check_writable
 
@@ -38,10 +37,9 @@ def write_reference(cfg: DictConfig) -> Path:
     name = cfg.get("feature_extractor") or datamodule.feature_extractor
     extractor = build_feature_extractor(name)
     device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    images = datamodule.split_images(cfg.split)  # [N, C, H, W] in [-1, 1]
-    features = extract_features(extractor, images, device=device)
     meta = {**extractor_meta(name, extractor), "data": datamodule.name, "split": cfg.split}
-    stats = ReferenceStats.from_features(features, **meta)
+    batches = datamodule.split_batches(cfg.split)  # uint8, never the whole split at once
+    stats = streamed_stats(batches, datamodule.split_size(cfg.split), extractor, device, meta)
     stats.save(out, kid_features=bool(cfg.kid_features))
     print(
         f"wrote {out}: {stats.dim}-d {name} statistics of {stats.num_images} {datamodule.name} "
