@@ -66,6 +66,8 @@ def _fit(prepared: Prepared) -> float | None:
         output_dir.mkdir(parents=True, exist_ok=True)
         _write_config(output_dir / "config.yaml", cfg, prepared.resumed_step)
         sweep_partial_files(output_dir / "checkpoints")
+    if trainer.is_global_zero and prepared.batch_line:
+        log.info("%s", prepared.batch_line)
     if prepared.ckpt_path:
         log.info("continuing from %s (step %s)", prepared.ckpt_path, prepared.resumed_step)
     try:

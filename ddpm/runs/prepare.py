@@ -52,6 +52,7 @@ class Prepared:
     ckpt_path: str | None
     resumed_step: int | None = None
     guard: TrainerGuard | None = None
+    batch_line: str = ""
 
 
 def check_writable(folder: Path) -> None:
@@ -161,7 +162,36 @@ def prepare(
         # function of the step, so resumes are exact); Lightning must not replace them.
         use_distributed_sampler=False,
     )
-    return Prepared(cfg, datamodule, module, trainer, loggers, ckpt_path, step, guard)
+    batch_line = apply_global_batch(cfg, datamodule, trainer)
+    return Prepared(cfg, datamodule, module, trainer, loggers, ckpt_path, step, guard, batch_line)
+
+
+def apply_global_batch(cfg: DictConfig, datamodule: Any, trainer: L.Trainer) -> str:
+    """``data.batch_size`` is per device and per micro-batch. A recipe's
+    ``data.global_batch_size`` (cifar10_ddpm's 128, cifar10_edm's 512) sets it from the
+    device count, so warm-up, EMA length and step counts stay the paper's on any number of
+    devices; one that does not divide is refused in one line. Returns the line that says
+    how the global batch is made."""
+    devices, nodes = trainer.num_devices, trainer.num_nodes
+    accumulate = int(trainer.accumulate_grad_batches)
+    share = devices * nodes * accumulate
+    wanted = getattr(datamodule, "global_batch_size", None)
+    if wanted is not None:
+        if wanted % share:
+            raise UsageError(
+                f"data.global_batch_size={wanted} does not divide into {devices} devices x "
+                f"{nodes} nodes x {accumulate} accumulation steps = {share} shares: use a "
+                f"device count or trainer.accumulate_grad_batches that divides {wanted}, or "
+                "data.global_batch_size=null with a per-device data.batch_size"
+            )
+        datamodule.batch_size = wanted // share
+        with open_dict(cfg):
+            cfg.data.batch_size = datamodule.batch_size  # what the checkpoint records
+    size = datamodule.batch_size
+    return (
+        f"batch: {size} per device x {devices} devices x {nodes} nodes x {accumulate} "
+        f"accumulation = {size * share} global"
+    )
 
 
 def no_effect_notes(cfg: DictConfig, overrides: list[str]) -> list[str]:

@@ -84,9 +84,16 @@ RULES: dict[str, tuple[Check, str]] = {
         "32-true, 16-mixed (CUDA), bf16-mixed or auto (the precision= group)",
     ),
     "trainer.deterministic": (lambda v: v in (True, False, "warn"), "true, false or warn"),
-    "data.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "data.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (per device)"),
+    "data.global_batch_size": (
+        lambda v: v is None or (_is_int(v) and v >= 1),
+        "an integer >= 1 (the batch summed over devices, nodes and accumulation), or null",
+    ),
+    "data.num_workers": (
+        lambda v: v is None or (_is_int(v) and v >= 0),
+        "an integer >= 0, or null (none in memory, else the CPUs of each device's share)",
+    ),
     "data.image_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "data.num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "data.val_fraction": (
         lambda v: _is_num(v) and 0 <= v < 1,
         "a number in [0, 1) (0: train on every image, validate on data.val_size of them)",
