@@ -203,6 +203,7 @@ def test_experiment_presets_run_two_training_steps(tmp_path, experiment):
             "trainer.max_steps=2",
             "trainer.val_check_interval=2",
             "data.batch_size=4",
+            *(["data.global_batch_size=4"] if experiment.startswith("cifar10") else []),
             f"paths.data_dir={data_dir}",
             "schedule.num_timesteps=30",
             "sampler.steps=2",  # 2-step grids: sampling the full-size nets is not tested here
