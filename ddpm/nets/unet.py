@@ -1,4 +1,6 @@
-"""The UNet noise-prediction backbone of Ho et al. 2020 (Appendix B), PixelCNN++-style.
+"""The UNet backbone of Ho et al. 2020 (Appendix B), PixelCNN++-style, with the options of
+Dhariwal & Nichol 2021's ADM (per-head attention width, residual resampling, scale-shift
+norm; ``ddpm.nets.blocks``) and activation checkpointing.
 
 It maps (x [B, C, H, W], t [B][, y, aug]) to a tensor of x's shape and knows nothing of
 diffusion: t is any real-valued noise label (a timestep, or EDM's c_noise = ln(sigma) / 4).
@@ -6,114 +8,22 @@ diffusion: t is any real-valued noise label (a timestep, or EDM's c_noise = ln(s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, Sec. 3.5; as in
-    Ho et al. 2020's ``get_timestep_embedding``): [sin(t w_i), cos(t w_i)]."""
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period)
-        * torch.arange(half, device=t.device, dtype=torch.float32)
-        / (half - 1)
-    )
-    args = t.float()[:, None] * freqs[None, :]  # [B, 1] * [1, half] -> [B, half]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # [B, 2 * half]
-    return F.pad(emb, (0, dim % 2))
-
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups where the width allows it (Wu & He 2018), fewer otherwise."""
-    groups = math.gcd(32, channels)
-    return nn.GroupNorm(groups, channels, eps=1e-6)
-
-
-class ResBlock(nn.Module):
-    """GN-SiLU-conv, + projected time embedding, GN-SiLU-dropout-conv, residual."""
-
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float) -> None:
-        super().__init__()
-        self.norm1 = group_norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = group_norm(out_ch)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
-
-
-class AttentionBlock(nn.Module):
-    """Spatial self-attention over all H*W positions, through scaled_dot_product_attention."""
-
-    def __init__(self, channels: int, num_heads: int = 1) -> None:
-        super().__init__()
-        if channels % num_heads != 0:
-            raise ValueError(
-                f"model.attention_heads={num_heads} must divide the width {channels} at "
-                "every attention resolution"
-            )
-        self.num_heads = num_heads
-        self.norm = group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x))
-        # [B, 3C, H, W] -> [3, B, heads, H*W, C/heads]
-        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w).permute(1, 0, 2, 4, 3)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        # [B, heads, H*W, C/heads] -> [B, C, H, W]
-        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)
-        return x + self.proj(out)
-
-
-class Downsample(nn.Module):
-    """Strided 3x3 convolution halving H and W."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class LevelBlock(nn.Module):
-    """One ResBlock, followed by self-attention at the resolutions that have it."""
-
-    def __init__(
-        self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, attention: bool, heads: int
-    ) -> None:
-        super().__init__()
-        self.res = ResBlock(in_ch, out_ch, temb_ch, dropout)
-        self.attn = AttentionBlock(out_ch, heads) if attention else nn.Identity()
-
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        return self.attn(self.res(x, temb))
+from ddpm.nets.blocks import (
+    AttentionBlock,
+    Downsample,
+    LevelBlock,
+    ResBlock,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+)
 
 
 class UNet(nn.Module):
@@ -123,6 +33,14 @@ class UNet(nn.Module):
     ResBlock-Attention-ResBlock. ``image_size`` is needed to place the attention layers
     and to check that the input can be halved at every level. ``init``: ``torch``
     (PyTorch's default initialisation) or ``ho`` (Ho et al.'s, ``ho_init``).
+
+    ADM's options (Dhariwal & Nichol 2021, Sec. 3): ``attention_head_channels`` (64: as
+    many heads as the width has 64-channel groups, instead of ``attention_heads``),
+    ``resblock_updown`` (resample inside residual blocks, BigGAN-style, instead of strided
+    and upsampling convolutions) and ``scale_shift_norm`` (the embedding scales and shifts
+    the normalised activations). ``checkpointing`` recomputes every residual and attention
+    block in the backward pass (``torch.utils.checkpoint``, non-reentrant) instead of
+    keeping its activations: the same gradients for about a third more compute.
     """
 
     def __init__(
@@ -139,6 +57,10 @@ class UNet(nn.Module):
         num_classes: int = 0,
         init: str = "torch",
         augment_dim: int = 0,
+        attention_head_channels: int | None = None,
+        resblock_updown: bool = False,
+        scale_shift_norm: bool = False,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         channel_mults = tuple(channel_mults)
@@ -163,7 +85,9 @@ class UNet(nn.Module):
         self.out_channels = out_channels or in_channels
         self.base_channels = base_channels
         self.downsampling_factor = factor
+        self.checkpointing = bool(checkpointing)
         temb_ch = 4 * base_channels
+        heads = (attention_heads, attention_head_channels)
 
         self.time_embed = nn.Sequential(
             nn.Linear(base_channels, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch)
@@ -183,7 +107,14 @@ class UNet(nn.Module):
 
         def level_block(in_ch: int, out_ch: int, res: int) -> LevelBlock:
             attention = res in attention_resolutions
-            return LevelBlock(in_ch, out_ch, temb_ch, dropout, attention, attention_heads)
+            return LevelBlock(in_ch, out_ch, temb_ch, dropout, attention, *heads, scale_shift_norm)
+
+        def resampler(ch: int, how: str) -> nn.Module:
+            if resblock_updown:
+                return ResBlock(
+                    ch, ch, temb_ch, dropout, resample=how, scale_shift=scale_shift_norm
+                )
+            return Downsample(ch) if how == "down" else Upsample(ch)
 
         # Down path: remember every output width, since each feeds one skip connection.
         self.down = nn.ModuleList()
@@ -195,14 +126,14 @@ class UNet(nn.Module):
                 ch = base_channels * mult
                 skip_chs.append(ch)
             if level != len(channel_mults) - 1:
-                self.down.append(Downsample(ch))
+                self.down.append(resampler(ch, "down"))
                 skip_chs.append(ch)
 
         self.mid = nn.ModuleList(
             [
-                ResBlock(ch, ch, temb_ch, dropout),
-                AttentionBlock(ch, attention_heads),
-                ResBlock(ch, ch, temb_ch, dropout),
+                ResBlock(ch, ch, temb_ch, dropout, scale_shift=scale_shift_norm),
+                AttentionBlock(ch, *heads),
+                ResBlock(ch, ch, temb_ch, dropout, scale_shift=scale_shift_norm),
             ]
         )
 
@@ -215,7 +146,7 @@ class UNet(nn.Module):
                 )
                 ch = base_channels * mult
             if level != 0:
-                self.up.append(Upsample(ch))
+                self.up.append(resampler(ch, "up"))
 
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
@@ -249,16 +180,22 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
-            h = block(h, temb)
+            h = self._run(block, h, temb)
             skips.append(h)
-        h = self.mid[0](h, temb)
-        h = self.mid[1](h)
-        h = self.mid[2](h, temb)
+        h = self._run(self.mid[0], h, temb)
+        h = self._run(self.mid[1], h)
+        h = self._run(self.mid[2], h, temb)
         for block in self.up:
             if isinstance(block, LevelBlock):
                 h = torch.cat([h, skips.pop()], dim=1)  # [B, C, H, W] ++ skip -> [B, C + C', H, W]
-            h = block(h, temb)
+            h = self._run(block, h, temb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _run(self, block: nn.Module, *inputs: Tensor) -> Tensor:
+        """``block(*inputs)``, recomputed in the backward pass under ``checkpointing``."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
 
 
 INITS = ("ho", "torch")  # torch: PyTorch's default (Kaiming-uniform, a=sqrt(5)) init
