@@ -34,7 +34,7 @@ def test_every_shipped_config_passes():
         ("trainer.max_steps=1.5", "trainer.max_steps=1.5 is not allowed"),
         ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is not allowed"),
         ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 is not allowed"),
-        ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is not"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is not"),
         (
             "ema=standard callbacks.ema.decay=1.5",
             "callbacks.ema.decay=1.5 is not allowed: it must be a number in [0, 1)",
@@ -133,3 +133,15 @@ def test_a_schedule_under_the_edm_objective_is_said_to_set_only_the_sampling_gri
             prepare(cfg, extra, set())
         note = "note: schedule=linear changes only the noise grid the samplers walk"
         assert (note in caplog.text) is said, caplog.text
+
+
+def test_the_digits_net_on_64_px_images_gets_a_note_naming_the_presets():
+    from ddpm.runs.prepare import no_effect_notes
+
+    notes = no_effect_notes(compose_train(["data=folder", "data.root=x"]), [])
+    assert notes == [
+        "the net has 2 resolution levels, made for 8-32 px; for 64 px images use "
+        "experiment=images64|images128|images256 (or model=unet64|unet128|unet256)"
+    ]
+    assert no_effect_notes(compose_train(["experiment=images64", "data.root=x"]), []) == []
+    assert no_effect_notes(compose_train([]), []) == []

@@ -23,6 +23,15 @@ from ddpm.diffusion.schedules import PREDICTION_TYPES, NoiseSchedule
 Model = Callable[..., Tensor]  # model(x, t_or_c_noise[, y=labels][, aug=augment labels])
 
 
+def step_share(draws: tuple[Tensor, ...], share: tuple[int, int]) -> tuple[Tensor, ...]:
+    """Micro-batch ``i`` of ``k``'s slice of draws made for a whole training step (k x B
+    samples, first dimension): k micro-batches of B then see what one batch of k x B sees,
+    so gradient accumulation gives the large batch's update."""
+    i, k = share
+    n = draws[0].shape[0] // k
+    return tuple(d[i * n : (i + 1) * n] for d in draws)
+
+
 def drop_labels_at_random(y: Tensor, prob: float) -> Tensor:
     """Replace each label by -1 ("no label") with probability ``prob``, so one network
     learns the conditional and the unconditional prediction (Ho & Salimans 2022, Alg. 1)."""
@@ -115,6 +124,16 @@ class DiffusionLoss:
     def sampling_model(self, net: Model, schedule: NoiseSchedule) -> Model:
         """What the samplers call: the net itself, which predicts ``prediction_type``."""
         return net
+
+    def draw(
+        self, x0: Tensor, schedule: NoiseSchedule, share: tuple[int, int] = (0, 1)
+    ) -> tuple[Tensor, Tensor]:
+        """The timesteps [B] and noise of micro-batch ``share`` = (i, k) of a training step,
+        drawn as ``__call__`` draws them, for k x B samples (``step_share``)."""
+        n = x0.shape[0] * share[1]
+        t = torch.randint(0, schedule.num_timesteps, (n,), device=x0.device)
+        noise = torch.randn((n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
+        return step_share((t, noise), share)
 
     def __call__(
         self,
@@ -214,6 +233,16 @@ class EDMLoss:
     def sampling_model(self, net: Model, schedule: NoiseSchedule) -> Model:
         """The preconditioned denoiser at the schedule's timesteps (predicts x_0)."""
         return PreconditionedModel(net, self.preconditioning, schedule)
+
+    def draw(
+        self, x0: Tensor, schedule: NoiseSchedule, share: tuple[int, int] = (0, 1)
+    ) -> tuple[Tensor, Tensor]:
+        """The noise levels [B] and unit noise of micro-batch ``share`` = (i, k) of a
+        training step, drawn as ``__call__`` draws them, for k x B samples (``step_share``)."""
+        n = x0.shape[0] * share[1]
+        sigma = self.preconditioning.sample_sigma(n, device=x0.device)
+        noise = torch.randn((n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
+        return step_share((sigma, noise), share)
 
     def __call__(
         self,

@@ -147,6 +147,10 @@ def prepare(
         if isinstance(callback, SampleQuality):
             callback.load_extractor(datamodule)  # a missing download fails here, at once
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    accumulate = int(trainer_cfg.get("accumulate_grad_batches", 1))
+    interval = trainer_cfg.get("val_check_interval")
+    if accumulate > 1 and isinstance(interval, int):  # Lightning counts micro-batches here
+        trainer_cfg["val_check_interval"] = interval * accumulate
     plugins: list[Any] = [AtomicCheckpointIO()]
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     mixed = precision_plugin(str(trainer_cfg.get("precision")), accelerator)
@@ -163,6 +167,7 @@ def prepare(
         use_distributed_sampler=False,
     )
     batch_line = apply_global_batch(cfg, datamodule, trainer)
+    module.hparams["config"]["data"]["batch_size"] = datamodule.batch_size  # the checkpoint's
     return Prepared(cfg, datamodule, module, trainer, loggers, ckpt_path, step, guard, batch_line)
 
 
@@ -195,21 +200,27 @@ def apply_global_batch(cfg: DictConfig, datamodule: Any, trainer: L.Trainer) -> 
 
 
 def no_effect_notes(cfg: DictConfig, overrides: list[str]) -> list[str]:
-    """One line for each command-line choice that does not change training under the
-    chosen objective: the schedule group under an EDM objective, which draws its training
-    noise levels from ``objective.preconditioning`` (the schedule is then only the grid the
-    samplers walk)."""
+    """One line for each choice that likely does not do what the user means: a net made for
+    the digits on 64 px images and more, and the schedule group under an EDM objective,
+    which draws its training noise levels from ``objective.preconditioning`` (the schedule
+    is then only the grid the samplers walk)."""
+    notes = []
+    size = int(OmegaConf.select(cfg, "data.image_size", default=0) or 0)
+    levels = len(OmegaConf.select(cfg, "model.channel_mults", default=[]) or [])
+    if size >= 64 and 0 < levels < 4:  # the digits' nets on natural images
+        notes.append(
+            f"the net has {levels} resolution levels, made for 8-32 px; for {size} px images "
+            "use experiment=images64|images128|images256 (or model=unet64|unet128|unet256)"
+        )
     target = str(OmegaConf.select(cfg, "objective._target_", default=""))
-    if not target.endswith("EDMLoss"):
-        return []
     given = [o.lstrip("+~") for o in overrides if o.lstrip("+~").startswith("schedule")]
-    if not given:
-        return []
-    return [
-        f"{' '.join(given)} changes only the noise grid the samplers walk: the EDM objective "
-        "draws its training noise levels from objective.preconditioning, so runs that differ "
-        "only in the schedule train the same network"
-    ]
+    if target.endswith("EDMLoss") and given:
+        notes.append(
+            f"{' '.join(given)} changes only the noise grid the samplers walk: the EDM "
+            "objective draws its training noise levels from objective.preconditioning, so "
+            "runs that differ only in the schedule train the same network"
+        )
+    return notes
 
 
 def multirun() -> bool:

@@ -140,11 +140,28 @@ class DiffusionModule(L.LightningModule):
             x0, aug = self.augment(x0)
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        loss = self.objective(self.train_net(), self.schedule, x0, y=y, aug=aug).mean()
+        level = noise = None
+        trainer = self._trainer
+        accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
+        if accumulate > 1:  # this micro-batch's share of the whole step's draws
+            level, noise = self._step_draws(x0, (self._seeded_step[1], accumulate))
+        net = self.train_net()
+        loss = self.objective(net, self.schedule, x0, level, noise, y=y, aug=aug).mean()
         # Kept on the device; not a progress-bar value, which Lightning would turn into a
         # Python number (a host sync) at every step: ddpm.training.progress.ProgressBar shows it.
         self.log("train/loss", loss, on_step=True, on_epoch=False)
         return loss
+
+    def _step_draws(self, x0: Tensor, share: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Under gradient accumulation: the noise levels and noise of micro-batch ``share``
+        = (i, k), drawn for the whole step from the step's seed (micro-batch 0's) and
+        sliced, so k micro-batches of B train exactly as one batch of k x B would. The
+        other draws (flips, label dropout, network dropout) stay per micro-batch."""
+        trainer = self._trainer
+        devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(step_seed(self.train_seed, trainer.global_step, trainer.global_rank))
+            return self.objective.draw(x0, self.schedule, share)
 
     def logs_this_step(self) -> bool:
         """Whether the loggers write at this step (every ``log_every_n_steps``): values

@@ -142,7 +142,9 @@ class PowerEMA(EMA):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
         step = trainer.global_step
-        if step % self.snapshot_every == 0 and step == self._latest_update_step:
+        # step > 0: under gradient accumulation the micro-batches before the first
+        # optimizer step end at global step 0, with no update made
+        if 0 < step == self._latest_update_step and step % self.snapshot_every == 0:
             self._write_snapshots(trainer, step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
