@@ -80,3 +80,22 @@ class BatchLog(L.Callback):
         path = self.out_dir / f"rank{trainer.global_rank}.pt"
         earlier = torch.load(path) if path.is_file() else {}  # a resumed run adds its steps
         torch.save({**earlier, **self.seen}, path)
+
+
+class RunOutOfMemory(L.Callback):
+    """Raises what an allocation failure raises at the given (1-based) step: ``gpu``
+    (torch.OutOfMemoryError) or ``host`` (the CPU allocator's RuntimeError)."""
+
+    def __init__(self, step: int, kind: str = "gpu") -> None:
+        self.step, self.kind = step, kind
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step + 1 == self.step:
+            if self.kind == "gpu":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate "
+                "memory: you tried to allocate 8589934592 bytes"
+            )

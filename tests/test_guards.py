@@ -94,3 +94,19 @@ def test_skip_needs_a_fused_optimizer(tmp_path):
 def test_guard_refuses_bad_settings(kwargs, expected):
     with pytest.raises(ValueError, match=expected):
         TrainerGuard(**kwargs)
+
+
+@pytest.mark.parametrize(("kind", "where"), [("gpu", "GPU"), ("host", "host")])
+def test_out_of_memory_is_one_line_naming_the_levers(kind, where, tmp_path):
+    result = call_entry(
+        "train.py", *FAST, "trainer.max_steps=4", "logger=none",
+        "+callbacks.oom._target_=tests.faults.RunOutOfMemory", "+callbacks.oom.step=2",
+        f"+callbacks.oom.kind={kind}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: out of {where} memory at data.batch_size=64: recompute activations with "
+        "model.checkpointing=true, use a smaller data.batch_size with "
+        "trainer.accumulate_grad_batches=K for the same global batch, or precision=bf16-mixed"
+    )
+    assert "Traceback" not in result.stderr

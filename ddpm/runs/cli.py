@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -77,6 +78,19 @@ def _fit(prepared: Prepared) -> float | None:
             ckpt_path=prepared.ckpt_path,
             weights_only=True,
         )
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        where = out_of_memory(exc)
+        if where is None:
+            raise
+        message = (
+            f"out of {where} memory at data.batch_size={cfg.data.batch_size}: recompute "
+            "activations with model.checkpointing=true, use a smaller data.batch_size with "
+            "trainer.accumulate_grad_batches=K for the same global batch, or "
+            "precision=bf16-mixed"
+        )
+        log.error("error: %s", message)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         finish_loggers(prepared.loggers)
     guard = prepared.guard
@@ -94,6 +108,17 @@ def _fit(prepared: Prepared) -> float | None:
     metric_name = cfg.get("optimized_metric")
     value = trainer.callback_metrics.get(metric_name) if metric_name else None
     return float(value) if value is not None else None
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """``GPU`` or ``host`` when ``exc`` (or what it wraps) is an allocation failure."""
+    while exc is not None:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return "GPU"
+        if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
+            return "host"
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _write_config(path: Path, cfg: DictConfig, resumed_step: int | None) -> None:
