@@ -19,7 +19,15 @@ def options(group: str) -> list[str]:
 
 
 def test_groups_have_the_documented_options():
-    assert options("model") == ["base", "ddpm_cifar10", "small", "tiny"]
+    assert options("model") == [
+        "base",
+        "ddpm_cifar10",
+        "small",
+        "tiny",
+        "unet128",
+        "unet256",
+        "unet64",
+    ]
     assert options("schedule") == ["cosine", "edm", "linear", "scaled_linear", "sigmoid"]
     assert options("precision") == ["16-mixed", "32-true", "auto", "bf16-mixed"]
     assert options("trainer") == ["cpu", "ddp", "default", "gpu"]

@@ -33,9 +33,10 @@ ARCHITECTURE_KEYS = (
     "objective.preconditioning._target_",
     "objective.preconditioning.sigma_data",
 )
-# How fresh weights are drawn: a run continued from a checkpoint loads its weights instead,
-# so these may differ (checkpoints from before model.init existed were PyTorch-initialised).
-NOT_ARCHITECTURE = ("model.init",)
+# How fresh weights are drawn (a continued run loads its weights instead; checkpoints from
+# before model.init existed were PyTorch-initialised) and whether blocks are recomputed in the
+# backward pass (memory only, same parameters and outputs): these may differ, or be absent.
+NOT_ARCHITECTURE = ("model.init", "model.checkpointing")
 
 
 class CheckpointError(ValueError):
