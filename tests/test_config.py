@@ -225,3 +225,25 @@ def test_common_overrides_work(tmp_path):
     assert cfg.schedule.name == "linear" and cfg.model.base_channels == 64
     assert cfg.model.image_size == 16  # the data config feeds the model: one place to edit
     assert Path(cfg.paths.output_dir) == tmp_path
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ([], (0.75, -0.4, 10)),  # the default: the digits' tuned values
+        (["data=folder", "data.root=/imgs"], (0.5, -1.2, 18)),  # Karras et al.'s
+        (["data=cifar10"], (0.5, -1.2, 18)),
+        (["data=mnist"], (0.5, -1.2, 18)),
+        (["data=fashion_mnist"], (0.5, -1.2, 18)),
+    ],
+)
+def test_edm_values_that_depend_on_the_data_come_with_the_data(data, expected):
+    cfg = compose_train(data)
+    pre = cfg.objective.preconditioning
+    assert (pre.sigma_data, pre.p_mean, cfg.sampler.steps) == expected
+    set_by_user = compose_train(
+        [*data, "objective.preconditioning.sigma_data=0.3", "sampler.steps=7"]
+    )
+    assert set_by_user.objective.preconditioning.sigma_data == 0.3
+    assert set_by_user.sampler.steps == 7
+    assert set_by_user.objective.preconditioning.p_mean == expected[1]
