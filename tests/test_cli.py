@@ -103,6 +103,14 @@ def test_sample_evaluate_writes_metrics_json(trained, tmp_path):
     assert metrics["sampler"]["name"] == "DDPMSampler" and metrics["sampler"]["steps"] == 10
     assert metrics["reference"]["split"] == "train" and metrics["reference"]["num_images"] > 1000
     assert "fid=" in result.stdout
+    # beyond FID, at equal n (20 samples, 20 training images; the floor: 20 held-out ones)
+    equal = metrics["equal_n"]
+    assert equal["n"] == 20 and equal["reference_split"] == "train" and equal["k"] == 5
+    for key in ("precision", "recall", "memorisation"):
+        assert 0 <= metrics[key] <= 1 and metrics[key] == equal[key]
+    assert equal["floor"]["images"] == "the val split" and equal["floor"]["memorisation"] == 0.05
+    assert 0 <= equal["floor"]["precision"] <= 1 and equal["floor"]["fid"] > 0
+    assert "at equal n=20 against the train split" in result.stdout
 
 
 def test_sample_accepts_a_sampler_override(trained, tmp_path):

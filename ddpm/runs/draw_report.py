@@ -117,6 +117,37 @@ def _accumulate(
             kid_sample[block].append(rows[: KID_MAX_REAL - kept].float())
 
 
+def first_samples(spec: DrawSpec, n: int) -> Tensor:
+    """The draw's samples of indices [0, n) as images [n, C, H, W] in [-1, 1], read back
+    from the chunks (in index order) until n are gathered."""
+    out, kept = [], 0
+    for data in iter_chunks(spec.out, spec.total, spec.chunk_size):
+        images = torch.from_numpy(data["images"][data["indices"] < n])  # [m, H, W, C]
+        out.append(images.permute(0, 3, 1, 2).float() / 127.5 - 1)  # NHWC -> NCHW
+        kept += len(images)
+        if kept >= n:
+            break
+    return torch.cat(out)
+
+
+def equal_n_line(report: dict[str, Any], extractor_name: str) -> str:
+    """The console line of ``heldout_report``: each figure beside its floor."""
+    floor = report.get("floor") or {}
+
+    def pair(key: str, fmt: str) -> str:
+        value, base = report.get(key), floor.get(key)
+        text = "n/a" if value is None else format(value, fmt)
+        return text + (f" (floor {format(base, fmt)})" if base is not None else "")
+
+    return (
+        f"at equal n={report['n']} against the {report['reference_split']} split "
+        f"({extractor_name} features): fid={pair('fid', '.3f')} "
+        f"precision={pair('precision', '.3f')} recall={pair('recall', '.3f')} "
+        f"memorisation={pair('memorisation', '.3f')}"
+        + (f"; {report['why']}" if report.get("why") else "")
+    )
+
+
 def _mean(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else float(np.mean(values))
 

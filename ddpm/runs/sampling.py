@@ -18,12 +18,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.diffusion.samplers.base import Sampler
 from ddpm.evaluation.features import build_feature_extractor
+from ddpm.evaluation.heldout import MAX_IMAGES, heldout_report
 from ddpm.evaluation.metrics import load_reference
 from ddpm.evaluation.reference import file_reference
 from ddpm.runs.build import load_module
 from ddpm.runs.draw import ChunkPlan, ChunkWriter, Drawer, DrawSpec
 from ddpm.runs.draw_files import check_manifest
-from ddpm.runs.draw_report import evaluate_draw, write_json, write_outputs
+from ddpm.runs.draw_report import (
+    equal_n_line,
+    evaluate_draw,
+    first_samples,
+    write_json,
+    write_outputs,
+)
 from ddpm.runs.errors import UsageError
 from ddpm.runs.prepare import check_writable
 from ddpm.training.module import DiffusionModule
@@ -279,6 +286,12 @@ def _evaluate(
         device,
     )
     report = evaluate_draw(spec, num_samples, reference, plan.extractor, device)
+    if cfg.get("fid_reference") is None:  # a statistics file holds no images to compare
+        samples = first_samples(spec, min(num_samples, MAX_IMAGES))
+        equal = heldout_report(samples, datamodule, plan.extractor, cfg.reference_split, device)
+        report |= {k: equal[k] for k in ("precision", "recall", "memorisation")}
+        report["equal_n"] = equal
+        print(equal_n_line(equal, plan.extractor_name))
     kid = report["kid_mean"]
     spread = (
         f"±{report['fid_std']:.3f} over {report['seed_blocks']} blocks "
