@@ -107,3 +107,13 @@ def test_no_held_out_split_gives_no_floor_and_says_why():
     )
     assert report["n"] == 50 and report["floor"] is None and report["memorisation"] is None
     assert "val_fraction=0" in report["why"]
+
+
+def test_a_reference_of_every_image_has_no_floor():
+    from ddpm.evaluation.features import build_feature_extractor
+
+    data = ImageDataModule(name="digits", val_fraction=0.5)
+    images = data.split_images("val")[:40]
+    report = heldout_report(images, data, build_feature_extractor("digits"), "all")
+    assert report["n"] == 40 and report["floor"] is None and "all" in report["why"]
+    assert 0 <= report["memorisation"] <= 1  # against the train split, as for any reference

@@ -71,9 +71,9 @@ def heldout_report(
     equal N against ``reference_split`` of ``datamodule``, with the floor beside each
     (``None`` and a ``why`` where the data has no held-out split)."""
     held_out = datamodule.val_fraction > 0  # with 0, val images are training images
-    other = "train" if reference_split == "val" else "val"
+    other = {"val": "train", "train": "val"}.get(reference_split)  # "all": none is outside
     sizes = [len(samples), datamodule.split_size(reference_split), max_images]
-    n = min(sizes + ([datamodule.split_size(other)] if held_out else []))
+    n = min(sizes + ([datamodule.split_size(other)] if held_out and other else []))
 
     def features(images: Tensor) -> Tensor:
         return extract_features(extractor, images, device=device)
@@ -100,6 +100,8 @@ def heldout_report(
         "memorisation_threshold": threshold,
         "train_images_searched": len(train),
     }
+    if other is None:
+        return {**report, "floor": None, "why": "reference_split=all: no real image is outside"}
     floor = scores(real, first_rows(datamodule, other, n, features))
     report["floor"] = {
         "images": f"the {other} split",
