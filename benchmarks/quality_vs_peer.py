@@ -57,11 +57,11 @@ DATA = {  # name -> (ours' overrides, image size, feature net)
     "digits": (["data.val_fraction=0.5"], 8, "digits_heldout"),
     "mnist5k": (["data=mnist5k"], 28, "mnist"),
 }
-SYSTEMS = {  # system/sampler -> what the table calls it
-    "ours/default": "ours",
-    "diffusers/ddim-50": "diffusers DDPM recipe, DDIM-50",
-    "diffusers/ddpm-1000": "diffusers DDPM recipe, DDPM-1000",
-    "kdiffusion/dpmpp_2m_sde-50": "k-diffusion EDM recipe, DPM++(2M) SDE-50",
+SYSTEMS = {  # system/sampler -> what the table calls it, and the chart
+    "ours/default": ("ours", "ours"),
+    "diffusers/ddim-50": ("diffusers DDPM recipe, DDIM-50", "diffusers DDIM-50"),
+    "diffusers/ddpm-1000": ("diffusers DDPM recipe, DDPM-1000", "diffusers DDPM-1000"),
+    "kdiffusion/dpmpp_2m_sde-50": ("k-diffusion EDM recipe, DPM++(2M) SDE-50", "k-diffusion"),
 }
 METRICS = ("fid", "precision", "recall", "memorisation")
 
@@ -216,7 +216,7 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['k']}B | {SYSTEMS[r['spec']]} | {r['sampler']} | {r['steps']} | "
+            f"| {r['k']}B | {SYSTEMS[r['spec']][0]} | {r['sampler']} | {r['steps']} | "
             f"{r['seconds']:.0f} | {r['fid']:.2f} +- {r['fid_std']:.2f} | "
             f"{r['fid'] / floor['fid']:.2f} | {r['precision']:.3f} +- {r['precision_std']:.3f} | "
             f"{r['recall']:.3f} +- {r['recall_std']:.3f} | "
@@ -227,14 +227,16 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
         ours = [r for r in rows if r["k"] == k and r["spec"] == "ours/default"]
         for r in rows:
             if ours and r["k"] == k and r["spec"] != "ours/default":
-                lines.append(f"| {k}B | {SYSTEMS[r['spec']]} | {r['fid'] / ours[0]['fid']:.2f} |")
+                lines.append(
+                    f"| {k}B | {SYSTEMS[r['spec']][0]} | {r['fid'] / ours[0]['fid']:.2f} |"
+                )
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
     print(table)
 
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        series.setdefault(SYSTEMS[r["spec"]], []).append(
+        series.setdefault(SYSTEMS[r["spec"]][1], []).append(
             (r["k"] * results["base_seconds"], r["fid"])
         )
     xs = [x for pts in series.values() for x, _ in pts]
