@@ -109,6 +109,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=1000)
     default_systems = ["ours/default", "diffusers/ddim-50", "kdiffusion/dpmpp_2m_sde-50"]
     parser.add_argument("--systems", nargs="+", default=default_systems, choices=sorted(SYSTEMS))
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the table and chart from OUT/results.json"
+    )
     parser.add_argument("--out", type=Path, help="default benchmarks/results/quality_vs_peer/DATA")
     parser.add_argument(
         "--runs", type=Path, help="checkpoints, logs (outputs/quality_vs_peer/DATA)"
@@ -123,6 +126,10 @@ def main() -> None:
 
     def save() -> None:
         path.write_text(json.dumps(results, indent=2))
+
+    if args.report_only:  # what was measured so far: rows with fewer seeds say how many
+        write_report(results, args, out)
+        return
 
     default_steps = int(OmegaConf.load(ROOT / "conf/trainer/default.yaml").max_steps)
     runs = results["runs"]
@@ -210,14 +217,14 @@ def write_report(results: dict, args: argparse.Namespace, out: Path) -> None:
         f"recall {floor['recall']:.3f}, memorisation {floor['memorisation']:.2f} (by "
         "construction).",
         "",
-        "| budget | system | sampler | steps | train wall (s) | FID | FID / floor | precision "
-        "| recall | memorisation |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| budget | system | sampler | steps | train wall (s) | seeds | FID | FID / floor | "
+        "precision | recall | memorisation |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['k']}B | {SYSTEMS[r['spec']][0]} | {r['sampler']} | {r['steps']} | "
-            f"{r['seconds']:.0f} | {r['fid']:.2f} +- {r['fid_std']:.2f} | "
+            f"{r['seconds']:.0f} | {r['seeds']} | {r['fid']:.2f} +- {r['fid_std']:.2f} | "
             f"{r['fid'] / floor['fid']:.2f} | {r['precision']:.3f} +- {r['precision_std']:.3f} | "
             f"{r['recall']:.3f} +- {r['recall_std']:.3f} | "
             f"{r['memorisation']:.3f} +- {r['memorisation_std']:.3f} |"
