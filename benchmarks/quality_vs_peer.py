@@ -47,7 +47,7 @@ import peer_diffusers
 import peer_kdiffusion
 
 from ddpm.data.datamodule import ImageDataModule
-from ddpm.evaluation.features import build_feature_extractor
+from ddpm.evaluation.extractors import build_feature_extractor
 from ddpm.evaluation.heldout import heldout_report
 from ddpm.runs.build import load_module
 from ddpm.utils.images import line_chart, make_grid, save_png, to_uint8

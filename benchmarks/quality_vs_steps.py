@@ -24,7 +24,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ddpm.evaluation.features import build_feature_extractor, extract_features
+from ddpm.evaluation.extractors import build_feature_extractor
+from ddpm.evaluation.features import extract_features
 from ddpm.evaluation.metrics import fid_kid
 from ddpm.evaluation.reference import data_reference
 from ddpm.runs.build import load_module

@@ -1,6 +1,8 @@
 """The held-out yardstick: precision/recall, memorisation, the held-out feature nets,
 data=mnist5k, and the equal-n report with its floor."""
 
+import math
+
 import pytest
 import torch
 
@@ -81,7 +83,7 @@ def test_mnist5k_is_the_4000_digits_the_feature_net_never_saw():
 
 
 def test_equal_n_report_scores_real_images_at_the_floor_and_copies_as_copies():
-    from ddpm.evaluation.features import build_feature_extractor
+    from ddpm.evaluation.extractors import build_feature_extractor
 
     data = ImageDataModule(name="digits", val_fraction=0.5)
     extractor = build_feature_extractor("digits_heldout")
@@ -99,7 +101,7 @@ def test_equal_n_report_scores_real_images_at_the_floor_and_copies_as_copies():
 
 
 def test_no_held_out_split_gives_no_floor_and_says_why():
-    from ddpm.evaluation.features import build_feature_extractor
+    from ddpm.evaluation.extractors import build_feature_extractor
 
     data = ImageDataModule(name="digits", val_fraction=0.0)
     report = heldout_report(
@@ -110,10 +112,19 @@ def test_no_held_out_split_gives_no_floor_and_says_why():
 
 
 def test_a_reference_of_every_image_has_no_floor():
-    from ddpm.evaluation.features import build_feature_extractor
+    from ddpm.evaluation.extractors import build_feature_extractor
 
     data = ImageDataModule(name="digits", val_fraction=0.5)
     images = data.split_images("val")[:40]
     report = heldout_report(images, data, build_feature_extractor("digits"), "all")
     assert report["n"] == 40 and report["floor"] is None and "all" in report["why"]
     assert 0 <= report["memorisation"] <= 1  # against the train split, as for any reference
+
+
+def test_a_draw_of_k_images_or_fewer_has_no_precision_or_recall():
+    from ddpm.evaluation.extractors import build_feature_extractor
+
+    data = ImageDataModule(name="digits", val_fraction=0.5)
+    report = heldout_report(data.split_images("val")[:4], data, build_feature_extractor("digits"))
+    assert report["n"] == 4 and report["precision"] is None and report["recall"] is None
+    assert math.isfinite(report["fid"]) and report["floor"]["precision"] is None

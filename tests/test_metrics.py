@@ -160,7 +160,7 @@ def test_inception_offline_says_what_to_fetch_and_where(monkeypatch, tmp_path):
 
 
 def test_unknown_feature_extractor_is_refused():
-    from ddpm.evaluation.features import build_feature_extractor
+    from ddpm.evaluation.extractors import build_feature_extractor
 
     with pytest.raises(ValueError, match=r"eval\.feature_extractor='clip' is unknown"):
         build_feature_extractor("clip")

@@ -191,20 +191,3 @@ def weights_hash(extractor: nn.Module) -> str:
         cached = digest.hexdigest()[:16]
         extractor._weights_hash = cached
     return cached
-
-
-def build_feature_extractor(name: str) -> nn.Module:
-    """``digits``, ``inception`` or a held-out net (``digits_heldout``, ``mnist``: see
-    ``ddpm.evaluation.heldout_features``), in eval mode with gradients off."""
-    if name == "digits":
-        return load_digits_feature_net()
-    if name == "inception":
-        return InceptionFeatures().eval().requires_grad_(False)
-    if name in ("digits_heldout", "mnist"):
-        from ddpm.evaluation.heldout_features import load_heldout_net
-
-        return load_heldout_net(name)
-    raise ValueError(
-        f"eval.feature_extractor={name!r} is unknown; choose digits, digits_heldout, mnist "
-        "or inception"
-    )

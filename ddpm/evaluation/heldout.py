@@ -51,11 +51,14 @@ def first_rows(datamodule: Any, split: str, n: int, rows: Callable[[Tensor], Ten
     return torch.cat(out)
 
 
-def scores(real: Tensor, fake: Tensor, k: int = K_NEIGHBOURS) -> dict[str, float]:
-    """FID, precision and recall of features fake [n, D] against real [n, D]."""
+def scores(real: Tensor, fake: Tensor, k: int = K_NEIGHBOURS) -> dict[str, float | None]:
+    """FID, precision and recall of features fake [n, D] against real [n, D]; precision and
+    recall are None for n <= k (a k-th neighbour needs more than k images)."""
     a, b = ReferenceStats.from_features(fake), ReferenceStats.from_features(real)
-    precision, recall = precision_recall(real, fake, k)
     fid = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    if min(len(real), len(fake)) <= k:
+        return {"fid": fid, "precision": None, "recall": None}
+    precision, recall = precision_recall(real, fake, k)
     return {"fid": fid, "precision": precision, "recall": recall}
 
 

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from ddpm.evaluation.features import build_feature_extractor, extract_features
+from ddpm.evaluation.extractors import build_feature_extractor
+from ddpm.evaluation.features import extract_features
 from ddpm.evaluation.reference import data_reference, file_reference
 from ddpm.evaluation.stats_file import FeatureMoments, ReferenceStats
 

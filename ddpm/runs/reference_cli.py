@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import ddpm.runs.build  # noqa: F401 - registers the ${ddpm.*} resolvers the data configs use
-from ddpm.evaluation.features import build_feature_extractor
+from ddpm.evaluation.extractors import build_feature_extractor
 from ddpm.evaluation.reference import extractor_meta, streamed_stats
 from ddpm.runs.errors import UsageError, fail, user_error
 from ddpm.runs.prepare import check_writable

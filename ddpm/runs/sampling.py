@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.diffusion.samplers.base import Sampler
-from ddpm.evaluation.features import build_feature_extractor
+from ddpm.evaluation.extractors import build_feature_extractor
 from ddpm.evaluation.heldout import MAX_IMAGES, heldout_report
 from ddpm.evaluation.metrics import load_reference
 from ddpm.evaluation.reference import file_reference

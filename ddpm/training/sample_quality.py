@@ -6,7 +6,8 @@ import lightning as L
 import torch
 
 from ddpm.diffusion.samplers.base import Sampler
-from ddpm.evaluation.features import build_feature_extractor, extract_features
+from ddpm.evaluation.extractors import build_feature_extractor
+from ddpm.evaluation.features import extract_features
 from ddpm.evaluation.metrics import fid_kid, load_reference
 from ddpm.training.draws import gather_strided, guidance, rank_indices
 
