@@ -58,11 +58,13 @@ class DigitsFeatureNet(nn.Module):
         )
         self.classifier = nn.Linear(self.num_features, 10)
 
-    @staticmethod
-    def preprocess(images: Tensor) -> Tensor:
+    input_size = 8  # every input is turned grey and resized to this first
+
+    def preprocess(self, images: Tensor) -> Tensor:
         x = images.float().mean(dim=1, keepdim=True)  # [B, C, H, W] -> [B, 1, H, W]
-        if x.shape[-2:] != (8, 8):
-            x = F.interpolate(x, size=(8, 8), mode="bilinear", antialias=True, align_corners=False)
+        size = (self.input_size, self.input_size)
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         return x
 
     def features(self, images: Tensor) -> Tensor:

@@ -56,20 +56,22 @@ class DigitsHeldoutNet(DigitsFeatureNet):
         return f"heldout-v{HELDOUT_VERSION}"
 
 
-class MnistFeatureNet(nn.Module):
+class MnistFeatureNet(DigitsFeatureNet):
     """A 3-conv classifier of 28x28 grey digits; ``features`` is its 128-d hidden layer.
-    Inputs are turned grey and resized (bilinear, antialiased) to 28x28 first."""
+    Inputs are turned grey and resized (bilinear, antialiased) to 28x28 first; the
+    ``digits`` net's features, logits and preprocessing at another size and depth."""
 
     name = "mnist"
     num_features = 128
     resize = "grey (channel mean), bilinear with antialias to 28x28 (none at 28x28)"
+    input_size = 28
 
     @property
     def version(self) -> str:
         return f"v{HELDOUT_VERSION}"
 
     def __init__(self) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # its own layers, not the 8x8 net's
 
         def conv(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
@@ -81,22 +83,6 @@ class MnistFeatureNet(nn.Module):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, self.num_features), nn.ReLU()
         )
         self.classifier = nn.Linear(self.num_features, 10)
-
-    @staticmethod
-    def preprocess(images: Tensor) -> Tensor:
-        x = images.float().mean(dim=1, keepdim=True)  # [B, C, H, W] -> [B, 1, H, W]
-        if x.shape[-2:] != (28, 28):
-            x = F.interpolate(x, size=(28, 28), mode="bilinear", antialias=True)
-        return x
-
-    def features(self, images: Tensor) -> Tensor:
-        return self.hidden(self.conv(self.preprocess(images)))  # [B, 128]
-
-    def logits(self, images: Tensor) -> Tensor:
-        return self.classifier(self.features(images))
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.features(images)
 
 
 def _fit(net: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int) -> nn.Module:
