@@ -77,6 +77,22 @@ class DigitsFeatureNet(nn.Module):
         return self.features(images)
 
 
+def fit_classifier(net: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int) -> nn.Module:
+    """Train a feature net's classifier on images x [N, C, H, W] in [-1, 1] and labels y [N]:
+    Adam 2e-3, shuffled batches of 64 (a generator seeded by ``seed``), cross-entropy."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+        order = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=order).split(64):
+                loss = F.cross_entropy(net.logits(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return net.eval()
+
+
 def train_digits_feature_net(epochs: int = 15, seed: int = 0) -> tuple[DigitsFeatureNet, float]:
     """Train the digits classifier on the train split of ``data=digits`` (val_fraction 0.1,
     split_seed 0: the held-out images stay unseen). Returns the net and held-out accuracy."""
@@ -89,15 +105,7 @@ def train_digits_feature_net(epochs: int = 15, seed: int = 0) -> tuple[DigitsFea
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = DigitsFeatureNet()
-        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-        order = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            for idx in torch.randperm(x_train.shape[0], generator=order).split(64):
-                loss = F.cross_entropy(net.logits(x_train[idx]), y_train[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    net.eval()
+    net = fit_classifier(net, x_train, y_train, epochs, seed)
     with torch.no_grad():
         accuracy = (net.logits(x_val).argmax(1) == y_val).float().mean().item()
     return net, accuracy

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpm.evaluation.features import DigitsFeatureNet
+from ddpm.evaluation.features import DigitsFeatureNet, fit_classifier
 from ddpm.utils.files import atomic_torch_save, cache_dir
 
 HELDOUT_VERSION = 1  # bump when a net or its training changes: old caches are ignored
@@ -85,21 +85,6 @@ class MnistFeatureNet(DigitsFeatureNet):
         self.classifier = nn.Linear(self.num_features, 10)
 
 
-def _fit(net: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int) -> nn.Module:
-    """Adam 2e-3, batches of 64, cross-entropy: the ``digits`` net's recipe."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-        order = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            for idx in torch.randperm(len(x), generator=order).split(64):
-                loss = F.cross_entropy(net.logits(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    return net.eval()
-
-
 @torch.no_grad()
 def accuracy(net: nn.Module, images: Tensor, labels: Tensor) -> float:
     """Share of images [N, C, H, W] in [-1, 1] the net classifies as labels [N]."""
@@ -115,7 +100,7 @@ def train_digits_heldout(epochs: int = 15, seed: int = 0) -> tuple[nn.Module, fl
         torch.manual_seed(seed)
         net = DigitsHeldoutNet()
     images, labels = read_mnist5k()
-    net = _fit(net, digits_framing(images.float() / 127.5 - 1), labels, epochs, seed)
+    net = fit_classifier(net, digits_framing(images.float() / 127.5 - 1), labels, epochs, seed)
     digits = load_digits(Path("."), False, 1)  # bundled with scikit-learn: no root
     return net, accuracy(net, digits.images.float() / 127.5 - 1, digits.labels)
 
@@ -129,7 +114,7 @@ def train_mnist(epochs: int = 30, seed: int = 0) -> tuple[nn.Module, float]:
         net = MnistFeatureNet()
     images, labels = read_mnist5k()
     x, part = images.float() / 127.5 - 1, extractor_part(labels)
-    net = _fit(net, x[part], labels[part], epochs, seed)
+    net = fit_classifier(net, x[part], labels[part], epochs, seed)
     return net, accuracy(net, x[~part], labels[~part])
 
 
