@@ -3,8 +3,6 @@ options, activation checkpointing (identical gradients), the images64 preset end
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -96,9 +94,7 @@ def test_images64_preset_trains_end_to_end(tmp_path):
                          "trainer.val_check_interval=2", "eval.feature_extractor=digits",
                          "sampler.steps=2", "precision=32-true", "logger=csv"],
                         tmp_path / "run")  # fmt: skip
-    start = time.perf_counter()
     train(cfg)
-    assert time.perf_counter() - start < 120
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     config = ckpt["hyper_parameters"]["config"]
     assert ckpt["global_step"] == 2 and config["data"]["image_size"] == 64
