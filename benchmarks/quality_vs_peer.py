@@ -66,11 +66,15 @@ SYSTEMS = {  # system/sampler -> what the table calls it, and the chart
 METRICS = ("fid", "precision", "recall", "memorisation")
 
 
-def train_ours(data: str, k: int, out: Path, default_steps: int) -> dict:
-    """``python train.py`` on the train half (k times the steps), in a fresh cache."""
+def train_ours(
+    data: str, k: int, out: Path, default_steps: int, extra: tuple[str, ...] = ()
+) -> dict:
+    """``python train.py`` on the train half (k times the steps; ``extra`` overrides), in
+    a fresh cache."""
     command = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={out}", *DATA[data][0]]
     if k != 1:
         command.append(f"trainer.max_steps={k * default_steps}")
+    command += extra
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "WANDB_MODE": "offline", "DDPM_CACHE_DIR": cache}
         print("training:", " ".join(command), flush=True)

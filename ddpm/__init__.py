@@ -23,6 +23,9 @@ _API = {
     "DDIMSampler": "ddpm.diffusion.samplers",
     "DPMSolverSampler": "ddpm.diffusion.samplers",
     "EDMSampler": "ddpm.diffusion.samplers",
+    "FlowSampler": "ddpm.diffusion.samplers",
+    "FlowLoss": "ddpm.diffusion.flow",
+    "DiT": "ddpm.nets.dit",
     "UNet": "ddpm.nets.unet",
     "ImageDataModule": "ddpm.data.datamodule",
     "DiffusionModule": "ddpm.training.module",
@@ -31,8 +34,11 @@ __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverSampler",
+    "DiT",
     "DiffusionModule",
     "EDMSampler",
+    "FlowLoss",
+    "FlowSampler",
     "ImageDataModule",
     "NoiseSchedule",
     "UNet",
@@ -40,8 +46,16 @@ __all__ = [
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from ddpm.data.datamodule import ImageDataModule
-    from ddpm.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler, EDMSampler
+    from ddpm.diffusion.flow import FlowLoss
+    from ddpm.diffusion.samplers import (
+        DDIMSampler,
+        DDPMSampler,
+        DPMSolverSampler,
+        EDMSampler,
+        FlowSampler,
+    )
     from ddpm.diffusion.schedules import NoiseSchedule
+    from ddpm.nets.dit import DiT
     from ddpm.nets.unet import UNet
     from ddpm.training.module import DiffusionModule
 

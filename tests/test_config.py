@@ -22,6 +22,10 @@ def test_groups_have_the_documented_options():
     assert options("model") == [
         "base",
         "ddpm_cifar10",
+        "dit_b",
+        "dit_l",
+        "dit_s",
+        "dit_xl",
         "small",
         "tiny",
         "unet128",
@@ -32,8 +36,16 @@ def test_groups_have_the_documented_options():
     assert options("precision") == ["16-mixed", "32-true", "auto", "bf16-mixed"]
     assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
     assert options("logger") == ["csv", "none", "tensorboard", "wandb"]
-    assert options("sampler") == ["ddim", "ddpm", "dpm_solver", "edm"]
-    assert options("objective") == ["ddpm", "edm", "edm_digits", "edm_iddpm", "edm_ve", "edm_vp"]
+    assert options("sampler") == ["ddim", "ddpm", "dpm_solver", "edm", "flow_euler", "flow_heun"]
+    assert options("objective") == [
+        "ddpm",
+        "edm",
+        "edm_digits",
+        "edm_iddpm",
+        "edm_ve",
+        "edm_vp",
+        "flow",
+    ]
     assert options("lr_scheduler") == ["constant", "cosine"]
     assert options("augment") == ["edm"]
     assert options("data") == [
@@ -74,7 +86,8 @@ def test_every_schedule_trains_and_samples(option, tmp_path):
 
 @pytest.mark.parametrize("option", options("sampler"))
 def test_every_sampler_trains_and_samples(option, tmp_path):
-    cfg = compose_train([*TINY, f"sampler={option}", "sampler.steps=4"], tmp_path)
+    flow = ["objective=flow"] if option.startswith("flow") else []  # they need its velocity
+    cfg = compose_train([*TINY, *flow, f"sampler={option}", "sampler.steps=4"], tmp_path)
     # the training-time grid and trajectory drawn with this sampler (sampler: null)
     grid = SampleGrid(num_samples=2, sampler=None, trajectory_samples=1)
     module = fit_one_step(cfg, tmp_path, [grid])
@@ -93,10 +106,11 @@ def test_every_objective_trains_and_samples(option, tmp_path):
     module = fit_one_step(cfg, tmp_path)
     assert cfg.model.augment_dim == 7 and module.net.augment_dim == 7
     assert module.hparams.config["model"]["augment_dim"] == 7
-    expected = "DiffusionLoss" if option == "ddpm" else "EDMLoss"
+    expected = {"ddpm": "DiffusionLoss", "flow": "FlowLoss"}.get(option, "EDMLoss")
     assert type(module.objective).__name__ == expected
-    if option != "ddpm":  # EDM's framework brings its grid and its sampler
-        assert cfg.schedule.name == "edm" and type(module.sampler).__name__ == "EDMSampler"
+    if option != "ddpm":  # EDM's framework and flow bring EDM's grid and their sampler
+        sampler = "FlowSampler" if option == "flow" else "EDMSampler"
+        assert cfg.schedule.name == "edm" and type(module.sampler).__name__ == sampler
     images = module.sample(2, seed=0)
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
 
@@ -148,12 +162,13 @@ def test_data_instantiates(option, tmp_path):
 @pytest.mark.parametrize("option", options("model"))
 def test_module_builds_for_every_model(option, tmp_path):
     size, channels = (8, 1) if option == "tiny" else (32, 3)
-    cfg = compose_train(
-        [f"model={option}", f"data.image_size={size}", f"data.channels={channels}"], tmp_path
-    )
-    module = build_module(cfg)
+    overrides = [f"model={option}", f"data.image_size={size}", f"data.channels={channels}"]
+    if option in ("dit_l", "dit_xl"):  # 458M and 675M parameters: two of their blocks
+        overrides.append("model.depth=2")
+    module = build_module(compose_train(overrides, tmp_path))
     assert module.image_shape == (channels, size, size)
-    assert module.hparams.config["model"]["_target_"] == "ddpm.nets.unet.UNet"
+    net = "ddpm.nets.dit.DiT" if option.startswith("dit") else "ddpm.nets.unet.UNet"
+    assert module.hparams.config["model"]["_target_"] == net
 
 
 @pytest.mark.parametrize("option", options("trainer"))

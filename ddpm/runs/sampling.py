@@ -86,6 +86,8 @@ def prepare_sample(cfg: DictConfig) -> SamplePlan:
         posthoc_ema(module, Path(cfg.ckpt_path), ema_std, step) if ema_std is not None else None
     )
     sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
+    if sampler is not None:
+        sampler.check_objective(module.objective)  # e.g. a flow sampler on an EDM net
     guidance = cfg.get("guidance_scale")
     if guidance is None:  # the scale the run's grids used (0 for unconditional runs)
         stored = module.hparams.config.get("callbacks") or {}

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
 from ddpm.data.augment import AugmentPipe
+from ddpm.diffusion.flow import FlowLoss
 from ddpm.diffusion.objectives import DiffusionLoss, EDMLoss
 from ddpm.diffusion.rng import sample_generators, step_seed
 from ddpm.diffusion.samplers import Sampler, StepHook
@@ -28,10 +29,10 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 class DiffusionModule(L.LightningModule):
     """Trains ``net`` to denoise under ``schedule`` with ``objective``; draws with ``sampler``.
 
-    ``objective`` is ``DiffusionLoss`` (Ho et al.'s discrete-time loss) or ``EDMLoss``
-    (Karras et al.'s preconditioned denoiser); the samplers call what its
-    ``sampling_model`` makes of the net. ``augment`` (non-leaky augmentation) transforms
-    the training images and hands its labels to the net.
+    ``objective`` is ``DiffusionLoss`` (Ho et al.'s discrete-time loss), ``EDMLoss``
+    (Karras et al.'s preconditioned denoiser) or ``FlowLoss`` (flow matching); the
+    samplers call what its ``sampling_model`` makes of the net. ``augment`` (non-leaky
+    augmentation) transforms the training images and hands its labels to the net.
 
     ``config`` (the resolved run config, plain containers) is saved as the checkpoint's
     hyper-parameters, so a checkpoint alone rebuilds the model
@@ -42,7 +43,7 @@ class DiffusionModule(L.LightningModule):
         self,
         net: nn.Module,
         schedule: NoiseSchedule,
-        objective: DiffusionLoss | EDMLoss,
+        objective: DiffusionLoss | EDMLoss | FlowLoss,
         sampler: Sampler,
         optimizer: OptimizerFactory,
         lr_scheduler: SchedulerFactory | None = None,
@@ -59,6 +60,7 @@ class DiffusionModule(L.LightningModule):
         check = getattr(objective, "check_schedule", None)
         if check is not None:
             check(schedule)  # incompatible combinations fail here, before any training
+        sampler.check_objective(objective)
         # Only plain values go to hparams: nn.Modules in hparams break load_from_checkpoint.
         self.save_hyperparameters(
             ignore=[

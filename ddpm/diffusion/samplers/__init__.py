@@ -6,12 +6,14 @@ from ddpm.diffusion.samplers.ddim import DDIMSampler
 from ddpm.diffusion.samplers.ddpm import DDPMSampler
 from ddpm.diffusion.samplers.dpm_solver import DPMSolverSampler
 from ddpm.diffusion.samplers.edm import EDMSampler
+from ddpm.diffusion.samplers.flow import FlowSampler
 
 __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverSampler",
     "EDMSampler",
+    "FlowSampler",
     "Move",
     "Sampler",
     "StepHook",

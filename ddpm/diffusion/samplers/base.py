@@ -88,6 +88,10 @@ class Sampler:
         """Network evaluations per sample (without guidance's doubled batch)."""
         raise NotImplementedError
 
+    def check_objective(self, objective: object) -> None:
+        """Refuse an objective whose nets this sampler cannot draw from (every sampler takes
+        the x_0, eps or v a ``sampling_model`` returns; the flow samplers need more)."""
+
     def sample(
         self,
         model: Model,
