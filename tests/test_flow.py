@@ -102,6 +102,23 @@ def test_a_time_shift_keeps_the_ode_exact():
     check_mixture(draw(FlowSampler(steps=32, solver="heun", shift=3.0)))
 
 
+def test_the_step_hook_sees_every_call_and_changes_nothing():
+    """A trajectory hook sees the 2N - 1 Heun evaluations (descending timesteps of the
+    grid) and leaves the draw bit for bit as without it."""
+    schedule = NoiseSchedule.from_name(**EDM_GRID)
+    model = FlowLoss().sampling_model(mixture_velocity, schedule)
+    sampler, shape = FlowSampler(steps=5), (100, 1, 1, 1)
+    plain = sampler.sample(model, schedule, shape, generator=torch.Generator().manual_seed(0))
+    seen = []
+    hooked = sampler.sample(
+        model, schedule, shape, generator=torch.Generator().manual_seed(0),
+        on_step=lambda step, x_t, x0: seen.append(step),
+    )  # fmt: skip
+    assert torch.equal(plain, hooked)
+    assert len(seen) == sampler.nfe(schedule) == 9 and seen[0] == 999
+    assert seen == sorted(seen, reverse=True)
+
+
 @pytest.mark.parametrize(
     "sampler",
     [

@@ -97,11 +97,13 @@ class FlowSampler(Sampler):
         def v(x: Tensor, t: float) -> Tensor:
             t_batch = torch.full((x.shape[0],), t, device=device)
             out = guided_output(velocity, x, t_batch, y, guidance_scale).float()
-            if on_step is not None or self.clip_denoised or self.dynamic_threshold is not None:
+            processed = self.clip_denoised or self.dynamic_threshold is not None
+            if on_step is not None or processed:
                 x0 = self.process_x0(x - t * out)  # x_0 = x_t - t v on the straight path
                 if on_step is not None:
                     self._report(on_step, schedule, x, t, x0)
-                out = (x - x0) / t  # v re-derived from the processed x_0 (t > 0 here)
+                if processed:  # v re-derived from the processed x_0 (t > 0 here)
+                    out = (x - x0) / t
             return out
 
         for i in tqdm(range(self.steps), desc=f"{self.name} sampling", disable=not progress):
