@@ -196,7 +196,8 @@ def test_torchrun_processes_share_one_run_dir(tmp_path):
             "train.py",
             ["model=huge"],
             "error: model=huge is not an option of the model group; choose one of base, "
-            "ddpm_cifar10, small, tiny, unet128, unet256, unet64 (conf/model/)",
+            "ddpm_cifar10, dit_b, dit_l, dit_s, dit_xl, small, tiny, unet128, unet256, unet64 "
+            "(conf/model/)",
         ),
         (
             "train.py",
