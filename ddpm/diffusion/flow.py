@@ -21,7 +21,7 @@ from ddpm.diffusion.objectives import (
     conditioning,
     drop_labels_at_random,
     per_index_levels_and_noise,
-    step_share,
+    step_draws,
 )
 from ddpm.diffusion.schedules import NoiseSchedule
 
@@ -131,10 +131,7 @@ class FlowLoss:
     ) -> tuple[Tensor, Tensor]:
         """The times [B] and noise of micro-batch ``share`` = (i, k) of a training step,
         drawn for k x B samples (``step_share``)."""
-        n = x0.shape[0] * share[1]
-        t = self.sample_t(n, device=x0.device)
-        noise = torch.randn((n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
-        return step_share((t, noise), share)
+        return step_draws(x0, share, lambda n: self.sample_t(n, device=x0.device))
 
     def __call__(
         self,

@@ -32,6 +32,19 @@ def step_share(draws: tuple[Tensor, ...], share: tuple[int, int]) -> tuple[Tenso
     return tuple(d[i * n : (i + 1) * n] for d in draws)
 
 
+def step_draws(
+    x0: Tensor, share: tuple[int, int], levels: Callable[[int], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Micro-batch ``share`` = (i, k)'s noise levels [B] and unit noise, drawn for the whole
+    training step of k x B samples: ``levels(k B)`` first, then the noise (``step_share``).
+    Every objective draws in this one order, so accumulated micro-batches see what one
+    large batch sees."""
+    n = x0.shape[0] * share[1]
+    level = levels(n)
+    noise = torch.randn((n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
+    return step_share((level, noise), share)
+
+
 def drop_labels_at_random(y: Tensor, prob: float) -> Tensor:
     """Replace each label by -1 ("no label") with probability ``prob``, so one network
     learns the conditional and the unconditional prediction (Ho & Salimans 2022, Alg. 1)."""
@@ -130,10 +143,8 @@ class DiffusionLoss:
     ) -> tuple[Tensor, Tensor]:
         """The timesteps [B] and noise of micro-batch ``share`` = (i, k) of a training step,
         drawn as ``__call__`` draws them, for k x B samples (``step_share``)."""
-        n = x0.shape[0] * share[1]
-        t = torch.randint(0, schedule.num_timesteps, (n,), device=x0.device)
-        noise = torch.randn((n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
-        return step_share((t, noise), share)
+        T = schedule.num_timesteps
+        return step_draws(x0, share, lambda n: torch.randint(0, T, (n,), device=x0.device))
 
     def __call__(
         self,
@@ -239,10 +250,9 @@ class EDMLoss:
     ) -> tuple[Tensor, Tensor]:
         """The noise levels [B] and unit noise of micro-batch ``share`` = (i, k) of a
         training step, drawn as ``__call__`` draws them, for k x B samples (``step_share``)."""
-        n = x0.shape[0] * share[1]
-        sigma = self.preconditioning.sample_sigma(n, device=x0.device)
-        noise = torch.randn((n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
-        return step_share((sigma, noise), share)
+        return step_draws(
+            x0, share, lambda n: self.preconditioning.sample_sigma(n, device=x0.device)
+        )
 
     def __call__(
         self,
