@@ -25,6 +25,23 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return F.pad(emb, (0, dim % 2))
 
 
+def check_label_sizes(num_classes: int, augment_dim: int) -> None:
+    """Refuse class and augmentation-label counts a net cannot embed (UNet and DiT alike)."""
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(
+            f"model.num_classes={num_classes!r} must be an integer >= 0 (0: unconditional; "
+            "data.conditional=true sets it from the data)"
+        )
+    if not isinstance(augment_dim, int) or augment_dim < 0:
+        raise ValueError(f"model.augment_dim={augment_dim!r} must be an integer >= 0")
+
+
+def class_index(y: Tensor, num_classes: int) -> Tensor:
+    """Class labels [B] as rows of a table of num_classes + 1: label -1 ("no label") is the
+    extra null class of classifier-free guidance (Ho & Salimans 2022, Sec. 3.2)."""
+    return torch.where(y < 0, torch.full_like(y, num_classes), y)
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups where the width allows it (Wu & He 2018), fewer otherwise."""
     groups = math.gcd(32, channels)

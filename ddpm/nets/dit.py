@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ddpm.nets.blocks import timestep_embedding
+from ddpm.nets.blocks import check_label_sizes, class_index, timestep_embedding
 
 FREQUENCY_DIM = 256  # the noise label's sinusoidal features (DiT's TimestepEmbedder)
 
@@ -127,13 +127,7 @@ class DiT(nn.Module):
     ) -> None:
         super().__init__()
         _validate(image_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio)
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(
-                f"model.num_classes={num_classes!r} must be an integer >= 0 (0: unconditional; "
-                "data.conditional=true sets it from the data)"
-            )
-        if not isinstance(augment_dim, int) or augment_dim < 0:
-            raise ValueError(f"model.augment_dim={augment_dim!r} must be an integer >= 0")
+        check_label_sizes(num_classes, augment_dim)
         self.image_size = image_size
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
@@ -196,8 +190,7 @@ class DiT(nn.Module):
         if self.y_embedder is not None:
             if y is None:
                 y = torch.full((b,), -1, dtype=torch.long, device=x.device)
-            y = torch.where(y < 0, torch.full_like(y, self.num_classes), y)  # -1 -> null class
-            c = c + self.y_embedder(y)
+            c = c + self.y_embedder(class_index(y, self.num_classes))
         elif y is not None:
             raise ValueError("this model is unconditional (model.num_classes=0): it takes no y")
         if self.aug_embedder is not None and aug is not None:

@@ -21,6 +21,8 @@ from ddpm.nets.blocks import (
     LevelBlock,
     ResBlock,
     Upsample,
+    check_label_sizes,
+    class_index,
     group_norm,
     timestep_embedding,
 )
@@ -66,11 +68,7 @@ class UNet(nn.Module):
         channel_mults = tuple(channel_mults)
         if init not in INITS:
             raise ValueError(f"model.init={init!r} is unknown; choose one of {', '.join(INITS)}")
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(
-                f"model.num_classes={num_classes!r} must be an integer >= 0 (0: unconditional; "
-                "data.conditional=true sets it from the data)"
-            )
+        check_label_sizes(num_classes, augment_dim)
         _validate(image_size, in_channels, base_channels, channel_mults, num_res_blocks, dropout)
         factor = 2 ** (len(channel_mults) - 1)
         resolutions = [image_size // 2**i for i in range(len(channel_mults))]
@@ -97,8 +95,6 @@ class UNet(nn.Module):
         # prediction of classifier-free guidance (Ho & Salimans 2022, Sec. 3.2).
         self.num_classes = num_classes
         self.class_embed = nn.Embedding(num_classes + 1, temb_ch) if num_classes else None
-        if not isinstance(augment_dim, int) or augment_dim < 0:
-            raise ValueError(f"model.augment_dim={augment_dim!r} must be an integer >= 0")
         self.augment_dim = augment_dim
         self.augment_embed = (
             nn.Linear(augment_dim, base_channels, bias=False) if augment_dim else None
@@ -173,8 +169,7 @@ class UNet(nn.Module):
                     f"this model is class-conditional ({self.num_classes} classes): pass "
                     "y=labels (-1 for the unconditional prediction)"
                 )
-            y = torch.where(y < 0, torch.full_like(y, self.num_classes), y)  # -1 -> null class
-            temb = temb + self.class_embed(y)
+            temb = temb + self.class_embed(class_index(y, self.num_classes))
         elif y is not None:
             raise ValueError("this model is unconditional (model.num_classes=0): it takes no y")
         h = self.conv_in(x)
