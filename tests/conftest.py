@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import runpy
@@ -15,6 +16,7 @@ import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -137,6 +139,17 @@ def call_entry(script: str, *args: str, cwd: Path) -> subprocess.CompletedProces
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = None
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def draw_from(ckpt: Path, out: Path, *extra: str, cwd: Path) -> tuple[np.ndarray, str]:
+    """``python sample.py ckpt_path=CKPT out_dir=OUT num_samples=3 EXTRA`` as a user runs it:
+    the images it wrote (samples.npz, [N, H, W, C] uint8) and the sampler samples.json names."""
+    drawn = call_entry(
+        "sample.py", f"ckpt_path={ckpt}", f"out_dir={out}", "num_samples=3", *extra, cwd=cwd
+    )
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    images = np.load(out / "samples.npz")["images"]
+    return images, json.loads((out / "samples.json").read_text())["sampler"]["name"]
 
 
 @pytest.fixture(scope="session")

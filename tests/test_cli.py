@@ -16,7 +16,7 @@ from ddpm.evaluation.features import extract_features, load_digits_feature_net
 from ddpm.evaluation.stats_file import ReferenceStats
 from ddpm.runs.errors import user_error
 from ddpm.runs.prepare import prepare
-from tests.conftest import ROOT, TINY, call_entry, compose_train, run_entry
+from tests.conftest import ROOT, TINY, call_entry, compose_train, draw_from, run_entry
 
 
 @pytest.fixture(scope="module")
@@ -403,13 +403,6 @@ def test_edm_preset_trains_with_the_default_callbacks_and_samples_from_the_check
     assert len(list((run_dir / "loss_by_sigma").glob("step=*.png"))) == 2
     assert len(list((run_dir / "samples").glob("grid_epoch=*_step=*.png"))) == 2
     for name, extra in (("edm", []), ("ddim", ["sampler=ddim", "sampler.steps=4"])):
-        out = tmp_path / name
-        drawn = call_entry(
-            "sample.py", f"ckpt_path={ckpt}", f"out_dir={out}", "num_samples=3", *extra,
-            cwd=tmp_path,
-        )  # fmt: skip
-        assert drawn.returncode == 0, drawn.stderr[-3000:]
-        images = np.load(out / "samples.npz")["images"]
+        images, used = draw_from(ckpt, tmp_path / name, *extra, cwd=tmp_path)
         assert images.shape == (3, 8, 8, 1) and images.std() > 0
-        used = json.loads((out / "samples.json").read_text())["sampler"]["name"]
         assert used == ("EDMSampler" if name == "edm" else "DDIMSampler")

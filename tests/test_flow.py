@@ -4,11 +4,9 @@ field, the refusals, and train.py then sample.py with objective=flow."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,7 +19,7 @@ from ddpm.diffusion.samplers import (
     FlowSampler,
 )
 from ddpm.diffusion.schedules import NoiseSchedule
-from tests.conftest import TINY, call_entry
+from tests.conftest import TINY, call_entry, draw_from
 
 EDM_GRID = dict(name="edm", num_timesteps=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0)
 
@@ -194,12 +192,6 @@ def test_train_then_sample_with_objective_flow(tmp_path):
         ("euler", ["sampler=flow_euler", "sampler.steps=4"], "FlowSampler"),
         ("edm", ["sampler=edm", "sampler.steps=4"], "EDMSampler"),
     ):
-        out = tmp_path / name
-        drawn = call_entry(
-            "sample.py", f"ckpt_path={ckpt}", f"out_dir={out}", "num_samples=3", *extra,
-            cwd=tmp_path,
-        )  # fmt: skip
-        assert drawn.returncode == 0, drawn.stderr[-3000:]
-        images = np.load(out / "samples.npz")["images"]
+        images, used = draw_from(ckpt, tmp_path / name, *extra, cwd=tmp_path)
         assert images.shape == (3, 8, 8, 1) and images.std() > 0
-        assert json.loads((out / "samples.json").read_text())["sampler"]["name"] == sampler
+        assert used == sampler
