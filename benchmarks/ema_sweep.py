@@ -26,7 +26,7 @@ from ddpm.evaluation.features import extract_features
 from ddpm.evaluation.metrics import fid_kid
 from ddpm.evaluation.reference import data_reference
 from ddpm.runs.build import load_module
-from ddpm.runs.sampling import posthoc_ema
+from ddpm.runs.posthoc import posthoc_ema
 from ddpm.training.module import DiffusionModule
 from ddpm.training.posthoc_ema import check_sigma_rel
 from ddpm.utils.images import line_chart, make_grid, save_png, to_uint8

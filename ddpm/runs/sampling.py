@@ -32,9 +32,11 @@ from ddpm.runs.draw_report import (
     write_outputs,
 )
 from ddpm.runs.errors import UsageError
+from ddpm.runs.guide import load_guide
+from ddpm.runs.posthoc import checkpoint_step, posthoc_ema
 from ddpm.runs.prepare import check_writable
 from ddpm.training.module import DiffusionModule
-from ddpm.training.posthoc_ema import check_sigma_rel, list_snapshots, reconstruct
+from ddpm.training.posthoc_ema import check_sigma_rel
 
 
 @dataclass
@@ -49,6 +51,19 @@ class SamplePlan:
     posthoc: dict[str, Any] | None = None  # ema_std's reconstruction: std, step, snapshots
     extractor: torch.nn.Module | None = None
     extractor_name: str | None = None
+    guide: DiffusionModule | None = None  # autoguidance's weaker model (ddpm.runs.guide)
+    guide_record: dict[str, Any] | None = None  # what it is: checkpoint, step, EMA, weight
+
+    @property
+    def guide_weight(self) -> float:
+        return float(self.guide_record["weight"]) if self.guide_record else 1.0
+
+    def nfe(self) -> int:
+        """Network evaluations per sample: the sampler's, doubled by classifier-free
+        guidance (a batch of two) and again by autoguidance (two networks)."""
+        used = self.sampler or self.module.sampler
+        calls = used.nfe(self.module.schedule, self.module.objective.prediction_type)
+        return calls * (2 if self.guidance else 1) * (2 if self.guide_weight != 1.0 else 1)
 
 
 _POSITIVE = {"num_samples": 1, "batch_size": 1, "seed": 0, "chunk_size": 1, "seed_blocks": 1}
@@ -85,16 +100,20 @@ def prepare_sample(cfg: DictConfig) -> SamplePlan:
     posthoc = (
         posthoc_ema(module, Path(cfg.ckpt_path), ema_std, step) if ema_std is not None else None
     )
+    guide, guide_record = load_guide(cfg, module)
     sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
     if sampler is not None:
         sampler.check_objective(module.objective)  # e.g. a flow sampler on an EDM net
     guidance = cfg.get("guidance_scale")
+    if guidance is None and guide is not None:  # autoguidance instead of classifier-free
+        guidance = 0.0
     if guidance is None:  # the scale the run's grids used (0 for unconditional runs)
         stored = module.hparams.config.get("callbacks") or {}
         guidance = (stored.get("sample_grid") or {}).get("guidance_scale") or 0.0
         guidance = guidance if module.num_classes else 0.0
     labels = module.labels_for(range(1), cfg.get("class_label"), guidance)  # checks them
     plan = SamplePlan(module, sampler, guidance, {}, posthoc)
+    plan.guide, plan.guide_record = guide, guide_record
     plan.identity = draw_identity(cfg, plan, step, labels is not None)
     check_manifest(out, plan.identity)
     if cfg.get("evaluate"):
@@ -107,14 +126,6 @@ def prepare_sample(cfg: DictConfig) -> SamplePlan:
     return plan
 
 
-def checkpoint_step(ckpt_path: Path) -> int:
-    """The checkpoint's global step (read memory-mapped: no tensor is read; load_module
-    has read and checked the file)."""
-    return int(
-        torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
-    )
-
-
 def draw_identity(
     cfg: DictConfig, plan: SamplePlan, step: int, conditional: bool
 ) -> dict[str, Any]:
@@ -122,7 +133,9 @@ def draw_identity(
     continues the draw only when it is the same."""
     ckpt = Path(cfg.ckpt_path).resolve()
     used = plan.sampler or plan.module.sampler
-    return {
+    guide = plan.guide_record
+    named = ("ckpt_path", "ckpt_step", "guide_step", "guide_ema_std", "weight")
+    return ({"guide": {k: guide[k] for k in named}} if guide else {}) | {
         "ckpt_path": str(ckpt),
         "ckpt_step": int(step),
         "ckpt_bytes": ckpt.stat().st_size,
@@ -141,49 +154,6 @@ def sampler_record(sampler: Sampler) -> dict[str, Any]:
     """The sampler's class and settings (JSON-ready)."""
     settings = {k: v for k, v in vars(sampler).items() if not k.startswith("_")}
     return json.loads(json.dumps({"name": type(sampler).__name__, **settings}, default=str))
-
-
-def snapshot_folder(ckpt_path: Path, config: dict[str, Any]) -> Path:
-    """Where a power-EMA run's snapshots are: ``ema_snapshots`` in the checkpoint's run
-    folder (RUN/checkpoints/x.ckpt -> RUN/ema_snapshots, so a moved run folder works),
-    else the ``dirpath`` its config recorded."""
-    beside = ckpt_path.resolve().parent.parent / "ema_snapshots"
-    recorded = ((config.get("callbacks") or {}).get("ema") or {}).get("dirpath")
-    if list_snapshots(beside) or recorded is None:
-        return beside
-    return Path(recorded)
-
-
-def posthoc_ema(
-    module: DiffusionModule, ckpt_path: Path, ema_std: float, step: int | None = None
-) -> dict[str, Any]:
-    """Load into ``module`` the EMA of length ``ema_std`` that post-hoc EMA reconstructs
-    (Karras et al. 2024, Algorithm 3) from the run's snapshots up to the checkpoint's
-    step (``step``, read from the file when not given); returns what was used (std,
-    step, folder, number of snapshots)."""
-    step = checkpoint_step(ckpt_path) if step is None else step
-    folder = snapshot_folder(ckpt_path, module.hparams.config)
-    state, used_step = reconstruct(folder, step, float(ema_std))
-    own = module.state_dict()
-    foreign = [k for k in state if k not in own or own[k].shape != state[k].shape]
-    if foreign:
-        raise UsageError(
-            f"the EMA snapshots in {folder} do not fit the network of {ckpt_path} "
-            f"(e.g. {foreign[0]}): they come from another run"
-        )
-    module.load_state_dict(state, strict=False)  # the averaged tensors; buffers stay
-    used = len([s for s in list_snapshots(folder) if s[0] <= used_step])
-    print(
-        f"post-hoc EMA: ema_std={float(ema_std)} at step {used_step} "
-        f"(checkpoint step {step}) from {used} snapshots in {folder}"
-    )
-    return {
-        "ema_std": float(ema_std),
-        "step": used_step,
-        "ckpt_step": step,
-        "snapshots": used,
-        "folder": str(folder),
-    }
 
 
 def trainer_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -239,7 +209,7 @@ def draw(cfg: DictConfig, plan: SamplePlan) -> Path:
         default_root_dir=out,
     )
     chunks = ChunkPlan(spec, (height, width, channels))
-    drawer = Drawer(module, spec, plan.sampler, plan.extractor)
+    drawer = Drawer(module, spec, plan.sampler, plan.extractor, plan.guide, plan.guide_weight)
     with warnings.catch_warnings():  # a finished draw run again has nothing left to draw
         warnings.filterwarnings("ignore", message=".*`DataLoader` across ranks is zero.*")
         trainer.predict(drawer, datamodule=chunks, return_predictions=False)
@@ -261,6 +231,8 @@ def draw(cfg: DictConfig, plan: SamplePlan) -> Path:
         "guidance_scale": plan.guidance,
         "posthoc_ema": plan.posthoc,
         "sampler": plan.identity["sampler"],
+        "guide": plan.guide_record,
+        "nfe": plan.nfe(),
         "devices": trainer.world_size,
         "resumed_samples": chunks.resumed,
     }
