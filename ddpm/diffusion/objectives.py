@@ -19,6 +19,7 @@ from torch import Tensor
 from ddpm.diffusion.preconditioning import PreconditionedModel, Preconditioning
 from ddpm.diffusion.rng import index_generator
 from ddpm.diffusion.schedules import PREDICTION_TYPES, NoiseSchedule
+from ddpm.diffusion.weighting import UncertaintyWeighting
 
 Model = Callable[..., Tensor]  # model(x, t_or_c_noise[, y=labels][, aug=augment labels])
 
@@ -212,12 +213,21 @@ class EDMLoss:
     ``preconditioning`` column (EDM: ln sigma ~ N(-1.2, 1.2^2), lambda = (sigma^2 +
     sigma_data^2) / (sigma sigma_data)^2). Sigma is continuous; the run's schedule is only
     the grid the discrete samplers (DDPM, DDIM, DPM-Solver) walk at sampling time.
+
+    ``learned_weighting``: EDM2's loss lambda / e^u ||D - y||^2 + u with a learned u(sigma)
+    (``ddpm.diffusion.weighting``) while training; validation keeps the fixed weighting.
     """
 
     prediction_type = "sample"  # the samplers see D(x; sigma): an x_0 estimate
     level_name = "sigma"
 
-    def __init__(self, preconditioning: Preconditioning, cond_drop_prob: float = 0.1) -> None:
+    def __init__(
+        self,
+        preconditioning: Preconditioning,
+        cond_drop_prob: float = 0.1,
+        learned_weighting: bool = False,
+        weighting_channels: int = 128,
+    ) -> None:
         if not isinstance(preconditioning, Preconditioning):
             raise ValueError(
                 f"objective.preconditioning={preconditioning!r} must be one of "
@@ -230,6 +240,9 @@ class EDMLoss:
             )
         self.preconditioning = preconditioning
         self.cond_drop_prob = float(cond_drop_prob)
+        # EDM2's learned uncertainty u(sigma): trained with the net (DiffusionModule holds
+        # it as ``loss_weighting``, so the optimizer and the checkpoint have it)
+        self.uncertainty = UncertaintyWeighting(weighting_channels) if learned_weighting else None
 
     def check_schedule(self, schedule: NoiseSchedule) -> None:
         """Refuse a sampling grid an EDM-trained net cannot be sampled on: an infinite sigma
@@ -275,7 +288,10 @@ class EDMLoss:
         noisy = x0.float() + noise.float() * sigma.float().view(-1, *[1] * (x0.ndim - 1))
         denoised = self.preconditioning.denoise(model, noisy, sigma, **conditioning(y, aug))
         err = (denoised - x0.float()).flatten(1).pow(2).mean(dim=1)  # [B, C, H, W] -> [B]
-        return self.preconditioning.weight(sigma) * err
+        weighted = self.preconditioning.weight(sigma) * err
+        if self.uncertainty is not None and self.uncertainty.training:
+            return self.uncertainty.loss(sigma, weighted)  # EDM2 Eq. 21
+        return weighted  # validation (eval mode): the fixed weighting, comparable across runs
 
     def fixed_levels(
         self,

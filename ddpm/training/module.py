@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ddpm.data.augment import AugmentPipe
 from ddpm.diffusion.flow import FlowLoss
+from ddpm.diffusion.guidance import AutoGuided
 from ddpm.diffusion.objectives import DiffusionLoss, EDMLoss
 from ddpm.diffusion.rng import sample_generators, step_seed
 from ddpm.diffusion.samplers import Sampler, StepHook
@@ -76,6 +77,9 @@ class DiffusionModule(L.LightningModule):
         self.net = net
         self.schedule = schedule
         self.objective = objective
+        # EDM2's learned u(sigma) (objective.learned_weighting=true): a submodule, so it is
+        # optimised, moved, averaged and saved with the net (None otherwise)
+        self.loss_weighting = getattr(objective, "uncertainty", None)
         self.sampler = sampler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -219,6 +223,8 @@ class DiffusionModule(L.LightningModule):
         on_step: StepHook | None = None,
         labels: int | Sequence[int] | None = None,
         guidance_scale: float = 0.0,
+        guide: DiffusionModule | None = None,
+        guide_weight: float = 1.0,
     ) -> Tensor:
         """Draw the samples ``indices`` (an int n means 0 .. n-1) of the stream seeded by
         ``seed``: [N, C, H, W] in [-1, 1].
@@ -232,6 +238,10 @@ class DiffusionModule(L.LightningModule):
         label_list = self.labels_for(indices, labels, guidance_scale)
         sampler = sampler or self.sampler
         model = self.objective.sampling_model(self.net, self.schedule)
+        if guide is not None and guide_weight != 1.0:
+            weak = guide.objective.sampling_model(guide.net, guide.schedule)
+            model = AutoGuided(model, weak, guide_weight)
+            guide.net.eval()  # a guide is only ever sampled
         batch_size = batch_size or max(1, len(indices))
         was_training = self.net.training
         self.net.eval()
@@ -289,7 +299,10 @@ class DiffusionModule(L.LightningModule):
         return out
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.net.parameters())
+        params = list(self.net.parameters())
+        if self.loss_weighting is not None:
+            params += list(self.loss_weighting.parameters())
+        optimizer = self.optimizer_factory(params=params)
         if self.lr_scheduler_factory is None:
             return optimizer
         factory = self.lr_scheduler_factory
