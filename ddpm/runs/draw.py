@@ -98,10 +98,13 @@ class Drawer(L.LightningModule):
         spec: DrawSpec,
         sampler: Sampler | None,
         extractor: nn.Module | None = None,
+        guide: DiffusionModule | None = None,
+        guide_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.module, self.spec, self.sampler = module, spec, sampler
         self.extractor = extractor
+        self.guide, self.guide_weight = guide, float(guide_weight)  # a submodule: moved too
 
     def predict_step(self, chunk: int) -> dict[str, Tensor]:
         spec, module = self.spec, self.module
@@ -123,6 +126,8 @@ class Drawer(L.LightningModule):
                 progress=self.trainer.is_global_zero,  # the sampler's steps, rank 0 only
                 labels=chosen,
                 guidance_scale=spec.guidance,
+                guide=self.guide,
+                guide_weight=self.guide_weight,
             )  # [n, C, H, W] in [-1, 1]
             images[:count] = torch.from_numpy(to_uint8(drawn))  # [n, H, W, C]
             if chosen is not None:

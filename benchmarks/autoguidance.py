@@ -1,0 +1,252 @@
+"""Autoguidance and EDM2's learned loss weighting on the digits, held-out protocol.
+
+    python benchmarks/autoguidance.py                       # everything (~40 min, 2 CPU cores)
+    python benchmarks/autoguidance.py --seeds 0 --weights 2 # a quick look
+
+Trains (in WORKDIR, each once; a rerun reuses them) the default run on the train half
+(`python train.py data.val_fraction=0.5`), the same with `objective.learned_weighting=true`,
+and the guide recipe (`experiment=guide`: half the width, a quarter of the steps). Then
+draws 1,000 samples per seed with the default sampler (EDM Heun, 10 steps, 19 NFE):
+- unguided, and unguided with more Heun steps (equal NFE / equal sampling time);
+- guided (`guide_weight` w, `guide_ema_std` S) by the run's own EMA at T/16, T/8, T/4
+  (`guide_step`) and by the smaller net (`guide_ckpt`);
+- the learned-weighting run unguided.
+Every draw is scored by `heldout_report` (the other half, `digits_heldout` features, equal
+N, the floor beside it) as `sample.py evaluate=true reference_split=val` does, on the
+uint8-quantised images. Writes OUT/results.json, OUT/table.md, grids and the learned u(sigma).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ddpm.evaluation.extractors import build_feature_extractor
+from ddpm.evaluation.heldout import first_rows, heldout_report
+from ddpm.runs.build import load_module
+from ddpm.runs.guide import load_guide
+from ddpm.training.module import DiffusionModule
+from ddpm.utils.images import line_chart, make_grid, save_png, to_uint8
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = {  # name -> train.py overrides (all on the train half)
+    "main": [],
+    "learned": ["objective.learned_weighting=true"],
+    "guide_small": ["experiment=guide"],
+}
+
+
+def train(workdir: Path, name: str) -> dict[str, Any]:
+    """Train run ``name`` in workdir/name (once) and return its wall time and checkpoint."""
+    run = workdir / name
+    done = run / "wall.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    command = [sys.executable, str(ROOT / "train.py"), "data.val_fraction=0.5", *RUNS[name]]
+    command.append(f"hydra.run.dir={run}")
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env=env, cwd=workdir, stdout=subprocess.DEVNULL)
+    info = {
+        "wall_s": round(time.perf_counter() - start, 1),
+        "ckpt": str(run / "checkpoints/last.ckpt"),
+    }
+    done.write_text(json.dumps(info))
+    return info
+
+
+def guide_for(
+    ckpt: Path, source: Path, step: int | None, std: float, main: DiffusionModule
+) -> tuple[DiffusionModule, dict[str, Any]]:
+    """The guide sample.py would build for these values (ddpm.runs.guide.load_guide)."""
+    cfg = OmegaConf.create(
+        {
+            "ckpt_path": str(ckpt),
+            "guide_ckpt": str(source),
+            "guide_step": step,
+            "guide_ema_std": std,
+            "guide_weight": 2.0,
+        }
+    )
+    guide, record = load_guide(cfg, main)
+    return guide, record
+
+
+class Scorer:
+    """Draws and scores as sample.py evaluate=true reference_split=val does."""
+
+    def __init__(self, module: DiffusionModule, num_samples: int) -> None:
+        self.datamodule = instantiate(OmegaConf.create(module.hparams.config["data"]))
+        self.extractor = build_feature_extractor("digits_heldout")
+        self.num_samples = num_samples
+
+    def draw(self, module: DiffusionModule, seed: int, **kwargs: Any) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        images = module.sample(
+            range(self.num_samples), seed=seed, batch_size=self.num_samples, **kwargs
+        )
+        seconds = time.perf_counter() - start
+        quantised = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return quantised, seconds  # [N, C, H, W] in [-1, 1], as sample.py scores them
+
+    def score(self, images: torch.Tensor) -> dict[str, Any]:
+        report = heldout_report(images, self.datamodule, self.extractor, "val", "cpu")
+        keys = ("fid", "precision", "recall", "memorisation", "n")
+        return {**{k: report[k] for k in keys}, "floor": report["floor"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/autoguidance"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/autoguidance")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--weights", type=float, nargs="+", default=[1.5, 2.0, 2.5, 3.0])
+    parser.add_argument("--guide-stds", type=float, nargs="+", default=[0.05, 0.15])
+    parser.add_argument("--num-samples", type=int, default=1000)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    walls = {name: train(args.workdir, name) for name in RUNS}
+    results_file = args.out / "results.json"
+    saved = json.loads(results_file.read_text()) if results_file.exists() else {}
+    results = {"train": walls, "draws": saved.get("draws", [])}
+    done = {(r["name"], r["seed"]) for r in results["draws"]}
+
+    ckpt = Path(walls["main"]["ckpt"])
+    main_module = load_module(ckpt)
+    learned = load_module(walls["learned"]["ckpt"])
+    scorer = Scorer(main_module, args.num_samples)
+    total = int(main_module.hparams.config["trainer"]["max_steps"])
+    sampler = main_module.sampler
+    base_steps = sampler.steps
+
+    def record(
+        name: str,
+        seed: int,
+        module: DiffusionModule,
+        extra: dict[str, Any],
+        grid: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if (name, seed) in done:
+            return
+        images, seconds = scorer.draw(module, seed, **kwargs)
+        row = {
+            "name": name,
+            "seed": seed,
+            "draw_s": round(seconds, 2),
+            **extra,
+            **scorer.score(images),
+        }
+        print(json.dumps({k: v for k, v in row.items() if k != "floor"}), flush=True)
+        results["draws"].append(row)
+        done.add((name, seed))
+        results_file.write_text(json.dumps(results, indent=1))
+        if grid and seed == args.seeds[0]:
+            save_png(make_grid(to_uint8(images[:64])), args.out / f"grid_{name}.png")
+
+    for seed in args.seeds:
+        nfe = sampler.nfe(main_module.schedule)
+        record(
+            "unguided",
+            seed,
+            main_module,
+            {"guide": None, "weight": 1.0, "steps": base_steps, "nfe": nfe},
+            grid=True,
+        )
+        record(
+            "learned_weighting",
+            seed,
+            learned,
+            {"guide": None, "weight": 1.0, "steps": base_steps, "nfe": nfe},
+            grid=True,
+        )
+        for steps in (13, 15, 20):  # equal NFE (20 steps: 39 vs 38) and equal time
+            sampler.steps = steps
+            record(
+                f"unguided_{steps}steps",
+                seed,
+                main_module,
+                {
+                    "guide": None,
+                    "weight": 1.0,
+                    "steps": steps,
+                    "nfe": sampler.nfe(main_module.schedule),
+                },
+            )
+        sampler.steps = base_steps
+    guides = [(f"own_T/{d}", ckpt, -(-total // 16) * (16 // d)) for d in (16, 8, 4)]
+    guides.append(("small_net", Path(walls["guide_small"]["ckpt"]), None))
+    for label, source, step in guides:
+        for std in args.guide_stds:
+            guide, info = guide_for(ckpt, source, step, std, main_module)
+            for weight in args.weights:
+                name = f"{label} std={std:g} w={weight:g}"
+                extra = {
+                    "guide": label,
+                    "guide_step": info.get("step", info["ckpt_step"]),
+                    "guide_ema_std": std,
+                    "weight": weight,
+                    "steps": base_steps,
+                    "nfe": 2 * sampler.nfe(main_module.schedule),
+                }
+                for seed in args.seeds:
+                    record(
+                        name,
+                        seed,
+                        main_module,
+                        extra,
+                        grid=weight == 2.0,
+                        guide=guide,
+                        guide_weight=weight,
+                    )
+    write_curve(learned, scorer.datamodule, args.out)
+    print(f"wrote {results_file}")
+
+
+@torch.no_grad()
+def write_curve(module: DiffusionModule, datamodule: Any, out: Path) -> None:
+    """The learned u(sigma) over the training range of sigma, beside its closed-form
+    optimum u*(sigma) = ln(lambda(sigma) E||D(y + n; sigma) - y||^2) (EDM2 Eq. 21's
+    minimiser), measured with the same run's net on 512 held-out digits."""
+    pre = module.objective.preconditioning
+    lo, hi = pre.log_sigma_range()
+    log_sigma = torch.linspace(lo, hi, 41, dtype=torch.float64)
+    sigma = log_sigma.exp().float()
+    u = module.loss_weighting.eval()(sigma)
+    images = first_rows(datamodule, "val", 512, lambda x: x)  # [512, C, H, W] in [-1, 1]
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(images.shape, generator=g)
+    best = []
+    for s in sigma:
+        level = s.expand(len(images))
+        denoised = pre.denoise(module.net.eval(), images + noise * s, level)
+        err = (denoised - images).flatten(1).pow(2).mean(1).mean()  # [B, ...] -> scalar
+        best.append(float((pre.weight(s.view(1)) * err).log()))
+    curve = {"ln_sigma": log_sigma.tolist(), "u": u.tolist(), "u_star": best}
+    (out / "learned_weighting.json").write_text(json.dumps(curve, indent=1))
+    x = sigma.tolist()
+    chart = line_chart(
+        {
+            "learned u": list(zip(x, u.tolist(), strict=True)),
+            "u* = ln(lambda E err)": list(zip(x, best, strict=True)),
+        },
+        title="EDM2 learned loss weighting, digits",
+        x_label="sigma",
+        y_label="u(sigma)",
+    )
+    save_png(chart, out / "learned_weighting.png")
+
+
+if __name__ == "__main__":
+    main()
