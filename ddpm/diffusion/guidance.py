@@ -41,7 +41,7 @@ class AutoGuided:
     (x_t, t) alone, so combining outputs combines denoisers. w = 1 returns the main
     model's output untouched (no guide call: the unguided draw, bit for bit). The
     attributes samplers read from a model (``sigma_min``, ``sigma_max``, ``round_sigma``)
-    are the main model's. Each call costs two network evaluations (one per net).
+    are the main model's; a flow model's ``velocity`` is guided too. Each call costs two network evaluations (one per net).
     """
 
     def __init__(self, model: Model, guide: Model, weight: float) -> None:
@@ -53,6 +53,15 @@ class AutoGuided:
             return main
         weak = self.guide(x, t, **conditioning).to(main.dtype)
         return weak + self.weight * (main - weak)
+
+    @property
+    def velocity(self) -> Model:
+        """The flow samplers integrate the models' ``velocity`` (``FlowModel``): guided the
+        same way (the velocity is affine in the x_0 estimate)."""
+        main = getattr(self.model, "velocity", None)
+        if main is None:  # not a flow model: no velocity (as the model itself)
+            raise AttributeError("velocity")
+        return AutoGuided(main, self.guide.velocity, self.weight)
 
     def __getattr__(self, name: str) -> object:
         if name in ("model", "guide", "weight"):  # not set yet (e.g. while unpickling)

@@ -30,6 +30,7 @@ _TRAINING_ONLY = {
     "logit_std",
     "shift",
     "min_snr_gamma",
+    "weighting",
     "learned_weighting",
     "uncertainty",
 }
@@ -128,7 +129,10 @@ def load_guide(
             )
         return None, None
     if std is not None:
-        std = check_sigma_rel(std, "guide_ema_std")
+        try:
+            std = check_sigma_rel(std, "guide_ema_std")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     source = Path(path) if path is not None else Path(cfg.ckpt_path)
     if not source.is_file():
         raise UsageError(f"guide_ckpt={path!r} is not a file: give a checkpoint (.ckpt)")
