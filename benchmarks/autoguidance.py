@@ -1,19 +1,23 @@
 """Autoguidance and EDM2's learned loss weighting on the digits, held-out protocol.
 
-    python benchmarks/autoguidance.py                       # everything (~40 min, 2 CPU cores)
-    python benchmarks/autoguidance.py --seeds 0 --weights 2 # a quick look
+    python benchmarks/autoguidance.py             # w 1.5-3 by T/16, T/8, T/4 and the small net
+    python benchmarks/autoguidance.py --weights 1.1 1.2 1.3 --own-sixteenths 4 8 \
+        --guide-stds 0.05 0.15 0.25               # more rows into the same results.json
+    python benchmarks/autoguidance.py --timing    # draw times alone (on a quiet machine)
+    python benchmarks/autoguidance.py --table     # rewrite table.md from results.json
 
 Trains (in WORKDIR, each once; a rerun reuses them) the default run on the train half
 (`python train.py data.val_fraction=0.5`), the same with `objective.learned_weighting=true`,
 and the guide recipe (`experiment=guide`: half the width, a quarter of the steps). Then
 draws 1,000 samples per seed with the default sampler (EDM Heun, 10 steps, 19 NFE):
 - unguided, and unguided with more Heun steps (equal NFE / equal sampling time);
-- guided (`guide_weight` w, `guide_ema_std` S) by the run's own EMA at T/16, T/8, T/4
+- guided (`guide_weight` w, `guide_ema_std` S) by the run's own EMA at k T/16
   (`guide_step`) and by the smaller net (`guide_ckpt`);
 - the learned-weighting run unguided.
 Every draw is scored by `heldout_report` (the other half, `digits_heldout` features, equal
 N, the floor beside it) as `sample.py evaluate=true reference_split=val` does, on the
-uint8-quantised images. Writes OUT/results.json, OUT/table.md, grids and the learned u(sigma).
+uint8-quantised images; a draw already in results.json is not drawn again. Writes
+OUT/results.json, OUT/table.md, grids and the learned u(sigma) against its optimum.
 """
 
 from __future__ import annotations
@@ -113,7 +117,11 @@ def main() -> None:
     parser.add_argument("--weights", type=float, nargs="+", default=[1.5, 2.0, 2.5, 3.0])
     parser.add_argument("--guide-stds", type=float, nargs="+", default=[0.05, 0.15])
     parser.add_argument(
-        "--own-fractions", type=int, nargs="+", default=[16, 8, 4], help="T/d guides: the d"
+        "--own-sixteenths",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4],
+        help="guides from the run's own EMA at k T/16 (1 2 4: T/16, T/8, T/4)",
     )
     parser.add_argument("--grid-weights", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     parser.add_argument("--num-samples", type=int, default=1000)
@@ -178,20 +186,9 @@ def main() -> None:
         return
     for seed in args.seeds:
         nfe = sampler.nfe(main_module.schedule)
-        record(
-            "unguided",
-            seed,
-            main_module,
-            {"guide": None, "weight": 1.0, "steps": base_steps, "nfe": nfe},
-            grid=True,
-        )
-        record(
-            "learned_weighting",
-            seed,
-            learned,
-            {"guide": None, "weight": 1.0, "steps": base_steps, "nfe": nfe},
-            grid=True,
-        )
+        unguided = {"guide": None, "weight": 1.0, "steps": base_steps, "nfe": nfe}
+        for name, module in (("unguided", main_module), ("learned_weighting", learned)):
+            record(name, seed, module, unguided, grid=True)
         for steps in (13, 15, 20):  # equal NFE (20 steps: 39 vs 38) and equal time
             sampler.steps = steps
             record(
@@ -207,7 +204,10 @@ def main() -> None:
             )
         sampler.steps = base_steps
     every = -(-total // 16)  # the snapshot interval: T/16 (T/4 = 376 of 1,500, a snapshot)
-    guides = [(f"own_T/{d}", ckpt, every * (16 // d)) for d in args.own_fractions]
+    guides = [
+        (f"own_T/{16 // k}" if 16 % k == 0 else f"own_{k}T/16", ckpt, every * k)
+        for k in args.own_sixteenths
+    ]
     guides.append(("small_net", Path(walls["guide_small"]["ckpt"]), None))
     for label, source, step in guides:
         for std in args.guide_stds:
@@ -295,7 +295,7 @@ def write_curve(module: DiffusionModule, datamodule: Any, out: Path) -> None:
     minimiser), measured with the same run's net on 512 held-out digits."""
     pre = module.objective.preconditioning
     lo, hi = pre.log_sigma_range()
-    log_sigma = torch.linspace(lo, hi, 41, dtype=torch.float64)
+    log_sigma = torch.linspace(lo, hi, 25, dtype=torch.float64)
     sigma = log_sigma.exp().float()
     u = module.loss_weighting.eval()(sigma)
     images = first_rows(datamodule, "val", 512, lambda x: x)  # [512, C, H, W] in [-1, 1]

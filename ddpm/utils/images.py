@@ -106,7 +106,8 @@ def line_chart(
     y_max: float | None = None,
 ) -> np.ndarray:
     """A small RGB line chart [H, W, 3] of named (x, y) series, drawn with PIL; with
-    ``y_max``, the y axis stops there and larger values are drawn on its top edge."""
+    ``y_max``, the y axis stops there and larger values are drawn on its top edge. The y
+    axis starts at 0, or below it when a value is negative."""
     from PIL import ImageDraw
 
     width, height, left, right, top, bottom = 640, 400, 60, 170, 30, 50
@@ -116,29 +117,30 @@ def line_chart(
     xs = [np.log10(x) if log_x else x for x, _ in points]
     ys = [y for _, y in points]
     x_lo, x_hi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y_hi = max(ys) * 1.05 if ys and max(ys) > 0 else 1.0
+    y_lo = min(0.0, min(ys) * 1.05) if ys else 0.0
+    y_hi = max(ys) * 1.05 if ys and max(ys) > 0 else (0.0 if y_lo < 0 else 1.0)
     if y_max is not None:
         y_hi = min(y_hi, y_max)
 
     def to_px(x: float, y: float) -> tuple[float, float]:
         fx = ((np.log10(x) if log_x else x) - x_lo) / (x_hi - x_lo)
-        return left + fx * (width - left - right), height - bottom - min(y, y_hi) / y_hi * (
-            height - top - bottom
-        )
+        fy = (min(y, y_hi) - y_lo) / (y_hi - y_lo)
+        return left + fx * (width - left - right), height - bottom - fy * (height - top - bottom)
 
     draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], "black")
     draw.text((left, 8), title, fill="black")
     draw.text((4, top), f"{y_hi:.3g}", fill="black")
-    draw.text((4, height - bottom - 10), "0", fill="black")
+    draw.text((4, height - bottom - 10), f"{y_lo:.3g}", fill="black")
     draw.text((4, top + 14), y_label, fill="black")
     draw.text((width - right - 120, height - 20), x_label, fill="black")
-    last_px = -1e9
+    last_px, last_width = -1e9, 0
     for x in sorted({x for x, _ in points}):
         px, _ = to_px(x, 0)
-        if px - last_px < 24:  # skip a tick label that would overprint its neighbour
+        label = f"{x:g}" if float(x).is_integer() else f"{x:.3g}"
+        if px - last_px < max(24, last_width):  # a tick label would overprint its neighbour
             continue
-        draw.text((px - 8, height - bottom + 4), f"{x:g}", fill="black")
-        last_px = px
+        draw.text((px - 8, height - bottom + 4), label, fill="black")
+        last_px, last_width = px, 6 * len(label) + 8
     colours = [
         (66, 110, 180),
         (200, 80, 60),
