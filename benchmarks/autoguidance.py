@@ -265,7 +265,34 @@ def write_table(results: dict[str, Any], out: Path) -> None:
             f"{sum(fids) / len(fids):.2f} | {diff:+.2f} | {mean('precision'):.3f} | "
             f"{mean('recall'):.3f} | {mean('memorisation'):.3f} |"
         )
+    lines += ["", *weight_matrix(rows, base)]
     (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def weight_matrix(rows: dict[str, list[dict[str, Any]]], base: dict[int, float]) -> list[str]:
+    """One row per guide and guide EMA length, one column per w: the mean FID and, in
+    brackets, its mean paired difference to the unguided draw (the seeds each row has)."""
+    cells: dict[tuple[str, float], dict[float, str]] = {}
+    for group in rows.values():
+        first = group[0]
+        if first["guide"] is None:
+            continue
+        fid = sum(r["fid"] for r in group) / len(group)
+        diff = sum(r["fid"] - base[r["seed"]] for r in group) / len(group)
+        key = (first["guide"], first["guide_ema_std"])
+        cells.setdefault(key, {})[first["weight"]] = f"{fid:.2f} ({diff:+.2f})"
+    weights = sorted({w for row in cells.values() for w in row})
+    lines = [
+        "| guide (step) | guide_ema_std | " + " | ".join(f"w={w:g}" for w in weights) + " |",
+        "|---|---:|" + "---:|" * len(weights),
+    ]
+    steps = {(r[0]["guide"]): r[0]["guide_step"] for r in rows.values() if r[0]["guide"]}
+    order = sorted(cells, key=lambda k: (k[0] == "small_net", steps[k[0]], k[1]))
+    for guide, std in order:
+        row = cells[(guide, std)]
+        values = " | ".join(row.get(w, "") for w in weights)
+        lines.append(f"| {guide} ({steps[guide]}) | {std:g} | {values} |")
+    return lines
 
 
 def timing(
