@@ -50,13 +50,15 @@ RUNS = {  # name -> train.py overrides (all on the train half)
 }
 
 
-def train(workdir: Path, name: str) -> dict[str, Any]:
-    """Train run ``name`` in workdir/name (once) and return its wall time and checkpoint."""
-    run = workdir / name
+def train(workdir: Path, name: str, seed: int | None = None) -> dict[str, Any]:
+    """Train run ``name`` (with training ``seed`` when given; the default run's is 42) in
+    workdir once and return its wall time and checkpoint."""
+    run = workdir / (name if seed is None else f"{name}_seed{seed}")
     done = run / "wall.json"
     if done.exists():
         return json.loads(done.read_text())
     command = [sys.executable, str(ROOT / "train.py"), "data.val_fraction=0.5", *RUNS[name]]
+    command += [] if seed is None else [f"seed={seed}"]
     command.append(f"hydra.run.dir={run}")
     env = {**os.environ, "WANDB_MODE": "offline"}
     start = time.perf_counter()
@@ -125,6 +127,13 @@ def main() -> None:
     )
     parser.add_argument("--grid-weights", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="*",
+        default=[],
+        help="more training seeds (fixed and learned weighting)",
+    )
     parser.add_argument("--table", action="store_true", help="only rewrite OUT/table.md")
     parser.add_argument(
         "--timing", action="store_true", help="only time the draws (a quiet machine), 3 repeats"
@@ -136,6 +145,9 @@ def main() -> None:
         write_table(json.loads((args.out / "results.json").read_text()), args.out)
         return
     walls = {name: train(args.workdir, name) for name in RUNS}
+    for seed in args.train_seeds:  # the fixed and the learned weighting, another seed
+        for name in ("main", "learned"):
+            walls[f"{name}_seed{seed}"] = train(args.workdir, name, seed)
     results_file = args.out / "results.json"
     saved = json.loads(results_file.read_text()) if results_file.exists() else {}
     results = {"train": walls, "draws": saved.get("draws", [])}
@@ -189,6 +201,10 @@ def main() -> None:
         unguided = {"guide": None, "weight": 1.0, "steps": base_steps, "nfe": nfe}
         for name, module in (("unguided", main_module), ("learned_weighting", learned)):
             record(name, seed, module, unguided, grid=True)
+        for train_seed in args.train_seeds:
+            for name, run in (("unguided", "main"), ("learned_weighting", "learned")):
+                module = load_module(walls[f"{run}_seed{train_seed}"]["ckpt"])
+                record(f"{name} (train seed {train_seed})", seed, module, unguided)
         for steps in (13, 15, 20):  # equal NFE (20 steps: 39 vs 38) and equal time
             sampler.steps = steps
             record(
