@@ -41,7 +41,8 @@ class AutoGuided:
     (x_t, t) alone, so combining outputs combines denoisers. w = 1 returns the main
     model's output untouched (no guide call: the unguided draw, bit for bit). The
     attributes samplers read from a model (``sigma_min``, ``sigma_max``, ``round_sigma``)
-    are the main model's; a flow model's ``velocity`` is guided too. Each call costs two network evaluations (one per net).
+    are the main model's; a flow model's ``velocity`` is guided too. Each call costs two
+    network evaluations (one per net).
     """
 
     def __init__(self, model: Model, guide: Model, weight: float) -> None:

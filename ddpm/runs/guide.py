@@ -154,9 +154,18 @@ def load_guide(
                     "ema=power: use guide_ckpt=PATH of an earlier checkpoint instead"
                 )
             std = float(stds[0])
-        record = posthoc_ema(guide, source, std, step)
+        record = _rebuilt(guide, source, std, step)
     elif std is not None:
-        record = posthoc_ema(guide, source, std, at)
+        record = _rebuilt(guide, source, std, at)
     record |= {"ckpt_path": str(source.resolve()), "ckpt_step": at}
     record |= {"guide_step": step, "guide_ema_std": std, "weight": weight}
     return guide.eval(), record
+
+
+def _rebuilt(guide: DiffusionModule, source: Path, std: float, step: int) -> dict[str, Any]:
+    """``posthoc_ema`` into the guide, its refusals (no snapshots, a step before the first
+    one) named as the guide's."""
+    try:
+        return posthoc_ema(guide, source, std, step)
+    except (ValueError, UsageError) as exc:
+        raise UsageError(f"the guide (guide_step/guide_ema_std): {exc}") from None
