@@ -4,7 +4,9 @@ classifier-free guidance through the null class, the fixed positions, the paper'
 from __future__ import annotations
 
 import csv
+import json
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -142,7 +144,7 @@ def test_the_configs_have_the_papers_sizes(option):
 def test_train_then_sample_with_a_class_conditional_dit(tmp_path):
     """model=dit_s (shrunk) through train.py with the default objective (EDM), callbacks
     (EMA, grids, val/fid) and data.conditional=true, then sample.py from the checkpoint
-    alone with classifier-free guidance, and with another sampler."""
+    alone with classifier-free guidance, with another sampler, and autoguided."""
     tiny = [o for o in TINY if not o.startswith("model.")]
     shrink = ["model.hidden_size=24", "model.depth=1", "model.num_heads=2", "model.patch_size=4"]
     run_dir = tmp_path / "dit"
@@ -163,3 +165,16 @@ def test_train_then_sample_with_a_class_conditional_dit(tmp_path):
     ):
         images, _ = draw_from(ckpt, tmp_path / name, *extra, cwd=tmp_path)
         assert images.shape == (3, 8, 8, 1) and images.std() > 0
+    # autoguided by its own EMA at step 3 (class-conditional, alone and with CFG on top)
+    nfe = {}
+    for name, extra in (
+        ("cond", ["class_label=3"]),
+        ("auto", ["class_label=3", "guide_step=3", "guide_weight=2"]),
+        ("auto_cfg", ["class_label=3", "guide_step=3", "guide_weight=2", "guidance_scale=1"]),
+    ):
+        images, _ = draw_from(ckpt, tmp_path / name, *extra, cwd=tmp_path)
+        info = json.loads((tmp_path / name / "samples.json").read_text())
+        nfe[name] = (images, info["nfe"], info["guidance_scale"])
+    assert nfe["auto"][1] == 2 * nfe["cond"][1] and nfe["auto_cfg"][1] == 4 * nfe["cond"][1]
+    assert nfe["auto"][2] == 0.0  # a guide alone: no classifier-free guidance
+    assert not np.array_equal(nfe["auto"][0], nfe["cond"][0])
