@@ -10,7 +10,7 @@ estimate at its own timesteps, and its ``velocity`` to the flow ODE samplers.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor
 from ddpm.diffusion.objectives import (
     Model,
     conditioning,
-    drop_labels_at_random,
+    loss_inputs,
     per_index_levels_and_noise,
     step_draws,
 )
@@ -131,7 +131,11 @@ class FlowLoss:
     ) -> tuple[Tensor, Tensor]:
         """The times [B] and noise of micro-batch ``share`` = (i, k) of a training step,
         drawn for k x B samples (``step_share``)."""
-        return step_draws(x0, share, lambda n: self.sample_t(n, device=x0.device))
+        return step_draws(x0, share, self._levels(x0))
+
+    def _levels(self, x0: Tensor) -> Callable[[int], Tensor]:
+        """n training times from ``sample_t``, on ``x0``'s device."""
+        return lambda n: self.sample_t(n, device=x0.device)
 
     def __call__(
         self,
@@ -145,12 +149,9 @@ class FlowLoss:
         aug: Tensor | None = None,
     ) -> Tensor:
         """Per-sample loss [B]; ``t`` [B] and ``noise`` are drawn when not given."""
-        if t is None:
-            t = self.sample_t(x0.shape[0], device=x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
-        if y is not None and drop_labels and self.cond_drop_prob > 0:
-            y = drop_labels_at_random(y, self.cond_drop_prob)
+        t, noise, y = loss_inputs(
+            x0, t, noise, y, self.cond_drop_prob if drop_labels else 0.0, self._levels(x0)
+        )
         tc = _column(t, x0.ndim)
         x_t = (1 - tc) * x0.float() + tc * noise.float()  # the straight path
         target = noise.float() - x0.float()  # v = d x_t / dt

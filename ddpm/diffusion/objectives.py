@@ -46,6 +46,26 @@ def step_draws(
     return step_share((level, noise), share)
 
 
+def loss_inputs(
+    x0: Tensor,
+    level: Tensor | None,
+    noise: Tensor | None,
+    y: Tensor | None,
+    drop_prob: float,
+    levels: Callable[[int], Tensor],
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """What a loss call draws where it is not given, in this one order for every
+    objective: the noise levels [B] (``levels(B)``), then unit noise like ``x0``, then
+    each label dropped to -1 with probability ``drop_prob`` (0: the labels as given)."""
+    if level is None:
+        level = levels(x0.shape[0])
+    if noise is None:
+        noise = torch.randn_like(x0)
+    if y is not None and drop_prob > 0:
+        y = drop_labels_at_random(y, drop_prob)
+    return level, noise, y
+
+
 def drop_labels_at_random(y: Tensor, prob: float) -> Tensor:
     """Replace each label by -1 ("no label") with probability ``prob``, so one network
     learns the conditional and the unconditional prediction (Ho & Salimans 2022, Alg. 1)."""
@@ -144,8 +164,11 @@ class DiffusionLoss:
     ) -> tuple[Tensor, Tensor]:
         """The timesteps [B] and noise of micro-batch ``share`` = (i, k) of a training step,
         drawn as ``__call__`` draws them, for k x B samples (``step_share``)."""
-        T = schedule.num_timesteps
-        return step_draws(x0, share, lambda n: torch.randint(0, T, (n,), device=x0.device))
+        return step_draws(x0, share, self._levels(x0, schedule))
+
+    def _levels(self, x0: Tensor, schedule: NoiseSchedule) -> Callable[[int], Tensor]:
+        """n training timesteps, uniform over the schedule's, on ``x0``'s device."""
+        return lambda n: torch.randint(0, schedule.num_timesteps, (n,), device=x0.device)
 
     def __call__(
         self,
@@ -163,14 +186,11 @@ class DiffusionLoss:
         ``y`` (class labels, conditional nets only) is dropped with probability
         ``cond_drop_prob`` when ``drop_labels``; ``aug`` [B, A] are the augmentation labels
         of ``x0`` (non-leaky augmentation, Karras et al. 2022, App. D.2)."""
-        if t is None:
-            t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
+        t, noise, y = loss_inputs(
+            x0, t, noise, y, self.cond_drop_prob if drop_labels else 0.0, self._levels(x0, schedule)
+        )
         x_t = schedule.q_sample(x0, t, noise)
         target = schedule.target(x0, noise, t, self.prediction_type)
-        if y is not None and drop_labels and self.cond_drop_prob > 0:
-            y = drop_labels_at_random(y, self.cond_drop_prob)
         out = model(x_t, t, **conditioning(y, aug))
         # The regression is done in float32 even under autocast (fp16 squares overflow).
         err = (out.float() - target.float()) ** 2
@@ -263,9 +283,12 @@ class EDMLoss:
     ) -> tuple[Tensor, Tensor]:
         """The noise levels [B] and unit noise of micro-batch ``share`` = (i, k) of a
         training step, drawn as ``__call__`` draws them, for k x B samples (``step_share``)."""
-        return step_draws(
-            x0, share, lambda n: self.preconditioning.sample_sigma(n, device=x0.device)
-        )
+        return step_draws(x0, share, self._levels(x0))
+
+    def _levels(self, x0: Tensor) -> Callable[[int], Tensor]:
+        """n training noise levels from the preconditioning's distribution, on ``x0``'s
+        device."""
+        return lambda n: self.preconditioning.sample_sigma(n, device=x0.device)
 
     def __call__(
         self,
@@ -279,12 +302,9 @@ class EDMLoss:
         aug: Tensor | None = None,
     ) -> Tensor:
         """Per-sample loss [B]; ``sigma`` [B] and unit ``noise`` are drawn when not given."""
-        if sigma is None:
-            sigma = self.preconditioning.sample_sigma(x0.shape[0], device=x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
-        if y is not None and drop_labels and self.cond_drop_prob > 0:
-            y = drop_labels_at_random(y, self.cond_drop_prob)
+        sigma, noise, y = loss_inputs(
+            x0, sigma, noise, y, self.cond_drop_prob if drop_labels else 0.0, self._levels(x0)
+        )
         noisy = x0.float() + noise.float() * sigma.float().view(-1, *[1] * (x0.ndim - 1))
         denoised = self.preconditioning.denoise(model, noisy, sigma, **conditioning(y, aug))
         err = (denoised - x0.float()).flatten(1).pow(2).mean(dim=1)  # [B, C, H, W] -> [B]
