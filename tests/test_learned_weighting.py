@@ -14,7 +14,7 @@ from ddpm.diffusion.objectives import EDMLoss
 from ddpm.diffusion.preconditioning import EDMPrecond
 from ddpm.diffusion.weighting import FourierFeatures, UncertaintyWeighting
 from ddpm.runs.build import load_module
-from tests.test_resume import WITH_CALLBACKS, _load, _same_state, _train
+from tests.test_resume import WITH_CALLBACKS, _same_state, straight_and_split
 
 
 def test_fourier_features_are_fixed_and_leave_the_global_random_state_alone():
@@ -87,11 +87,8 @@ def test_train_py_learns_u_resumes_it_exactly_and_the_checkpoint_carries_it(tmp_
     4 steps straight == 2 steps, then 2 more through resume=RUN_DIR, u(sigma) included."""
     common = [*WITH_CALLBACKS, "logger=csv", "objective.learned_weighting=true",
               "objective.weighting_channels=16", "trainer.val_check_interval=2"]  # fmt: skip
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    _train(straight, tmp_path, *common, "trainer.max_steps=4")
-    _train(split, tmp_path, *common, "trainer.max_steps=2")
-    _train(split, tmp_path, f"resume={split}", "trainer.max_steps=4")
-    a, b = (_load(run / "checkpoints" / "last.ckpt") for run in (straight, split))
+    a, b = straight_and_split(tmp_path, common, 4)
+    straight = tmp_path / "straight"
     _same_state(a, b)
     raw = a["current_model_state"]["loss_weighting.linear.weight"]
     assert raw.abs().sum() > 0  # u moved from zero

@@ -18,7 +18,7 @@ from ddpm.runs.sampling import prepare_sample
 from ddpm.training.posthoc_ema import list_snapshots, reconstruct, sigma_rel_to_gamma
 from ddpm.training.power_ema import PowerEMA
 from tests.conftest import TINY, call_entry, compose_train
-from tests.test_resume import WITH_CALLBACKS, _load, _max_diff, _train
+from tests.test_resume import WITH_CALLBACKS, _load, _max_diff, _train, straight_and_split
 
 POWER = ["callbacks.ema.snapshot_every=4"]  # ema=power is the default
 
@@ -100,11 +100,8 @@ def test_power_ema_resumes_exactly_with_the_default_callbacks(tmp_path):
     first half, step 4); a validation (grids, FID) at step 6, after the resume."""
     common = [*WITH_CALLBACKS, "callbacks.ema.snapshot_every=3", "trainer.val_check_interval=6",
               "seed=7", "logger=csv"]  # fmt: skip
+    a, b = straight_and_split(tmp_path, common, 8)
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _train(straight, tmp_path, *common, "trainer.max_steps=8")
-    _train(split, tmp_path, *common, "trainer.max_steps=4")
-    _train(split, tmp_path, f"resume={split}", "trainer.max_steps=8")
-    a, b = (_load(run / "checkpoints" / "last.ckpt") for run in (straight, split))
     for key in ("state_dict", "current_model_state", "optimizer_states"):
         assert _max_diff(a[key], b[key]) <= 1e-6, key
     assert _max_diff(a["callbacks"]["PowerEMA"], b["callbacks"]["PowerEMA"]) <= 1e-6

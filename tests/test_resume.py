@@ -77,6 +77,17 @@ def _train(run_dir: Path, cwd: Path, *args: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def straight_and_split(cwd: Path, common: list[str], steps: int) -> tuple[dict, dict]:
+    """``steps`` optimizer steps straight (cwd/straight), and half of them then the rest
+    through resume=RUN_DIR (cwd/split), with the same ``common`` overrides: the two final
+    checkpoints."""
+    straight, split = cwd / "straight", cwd / "split"
+    _train(straight, cwd, *common, f"trainer.max_steps={steps}")
+    _train(split, cwd, *common, f"trainer.max_steps={steps // 2}")
+    _train(split, cwd, f"resume={split}", f"trainer.max_steps={steps}")
+    return _load(straight / "checkpoints" / "last.ckpt"), _load(split / "checkpoints" / "last.ckpt")
+
+
 def _same_state(a: dict, b: dict) -> None:
     assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
     for key in ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers"):
