@@ -15,6 +15,7 @@ import traceback
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -139,6 +140,15 @@ def call_entry(script: str, *args: str, cwd: Path) -> subprocess.CompletedProces
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = None
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def train_run(run_dir: Path, *args: str, cwd: Path) -> tuple[Path, dict[str, Any]]:
+    """``python train.py ARGS hydra.run.dir=RUN_DIR`` as a user runs it (it must succeed):
+    its last checkpoint and the resolved config stored in it."""
+    result = call_entry("train.py", *args, f"hydra.run.dir={run_dir}", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    return ckpt, torch.load(ckpt, weights_only=True)["hyper_parameters"]["config"]
 
 
 def draw_from(ckpt: Path, out: Path, *extra: str, cwd: Path) -> tuple[np.ndarray, str]:

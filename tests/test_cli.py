@@ -16,7 +16,7 @@ from ddpm.evaluation.features import extract_features, load_digits_feature_net
 from ddpm.evaluation.stats_file import ReferenceStats
 from ddpm.runs.errors import user_error
 from ddpm.runs.prepare import prepare
-from tests.conftest import ROOT, TINY, call_entry, compose_train, draw_from, run_entry
+from tests.conftest import ROOT, TINY, call_entry, compose_train, draw_from, run_entry, train_run
 
 
 @pytest.fixture(scope="module")
@@ -340,13 +340,7 @@ def test_quality_vs_steps_benchmark_runs_on_a_checkpoint(trained, tmp_path):
 
 def test_class_conditional_run_samples_requested_classes(trained, tmp_path):
     run_dir = tmp_path / "cond"
-    result = call_entry(
-        "train.py", "experiment=digits_cond", *TINY, "logger=none", f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    config = torch.load(ckpt, weights_only=True)["hyper_parameters"]["config"]
+    ckpt, config = train_run(run_dir, "experiment=digits_cond", *TINY, "logger=none", cwd=tmp_path)
     assert config["model"]["num_classes"] == 10  # taken from the data, stored with the weights
 
     def draw(*args):
@@ -386,13 +380,9 @@ def test_edm_preset_trains_with_the_default_callbacks_and_samples_from_the_check
     preconditioning; DDIM and DPM-Solver++ sample the EDM-trained net too."""
     run_dir = tmp_path / "edm"
     tiny = [o for o in TINY if not o.startswith("sampler.")]
-    result = call_entry(
-        "train.py", "experiment=digits_edm", *tiny, "sampler.steps=3", "logger=csv",
-        f"hydra.run.dir={run_dir}", cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    config = torch.load(ckpt, weights_only=True)["hyper_parameters"]["config"]
+    ckpt, config = train_run(
+        run_dir, "experiment=digits_edm", *tiny, "sampler.steps=3", "logger=csv", cwd=tmp_path
+    )
     assert config["objective"]["_target_"] == "ddpm.diffusion.objectives.EDMLoss"
     assert config["objective"]["preconditioning"]["sigma_data"] > 0
     assert config["schedule"]["name"] == "edm" and config["sampler"]["steps"] >= 1

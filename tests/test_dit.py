@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from ddpm.diffusion.guidance import guided_output
 from ddpm.nets.dit import DiT, sincos_positions
-from tests.conftest import CONF, TINY, call_entry, draw_from
+from tests.conftest import CONF, TINY, draw_from, train_run
 
 
 def small(**kw) -> DiT:
@@ -148,13 +148,9 @@ def test_train_then_sample_with_a_class_conditional_dit(tmp_path):
     tiny = [o for o in TINY if not o.startswith("model.")]
     shrink = ["model.hidden_size=24", "model.depth=1", "model.num_heads=2", "model.patch_size=4"]
     run_dir = tmp_path / "dit"
-    result = call_entry(
-        "train.py", "model=dit_s", *shrink, *tiny, "data.conditional=true", "logger=csv",
-        f"hydra.run.dir={run_dir}", cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    config = torch.load(ckpt, weights_only=True)["hyper_parameters"]["config"]
+    ckpt, config = train_run(
+        run_dir, "model=dit_s", *shrink, *tiny, "data.conditional=true", "logger=csv", cwd=tmp_path
+    )
     assert config["model"]["_target_"] == "ddpm.nets.dit.DiT"
     assert config["model"]["num_classes"] == 10 and config["model"]["patch_size"] == 4
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))

@@ -19,7 +19,7 @@ from ddpm.diffusion.samplers import (
     FlowSampler,
 )
 from ddpm.diffusion.schedules import NoiseSchedule
-from tests.conftest import TINY, call_entry, draw_from
+from tests.conftest import TINY, draw_from, train_run
 
 EDM_GRID = dict(name="edm", num_timesteps=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0)
 
@@ -175,13 +175,9 @@ def test_train_then_sample_with_objective_flow(tmp_path):
     flow_euler at 4 steps and with EDM's Heun sampler."""
     run_dir = tmp_path / "flow"
     tiny = [o for o in TINY if not o.startswith("sampler.")]
-    result = call_entry(
-        "train.py", "objective=flow", *tiny, "sampler.steps=3", "logger=csv",
-        f"hydra.run.dir={run_dir}", cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    config = torch.load(ckpt, weights_only=True)["hyper_parameters"]["config"]
+    ckpt, config = train_run(
+        run_dir, "objective=flow", *tiny, "sampler.steps=3", "logger=csv", cwd=tmp_path
+    )
     assert config["objective"]["_target_"] == "ddpm.diffusion.flow.FlowLoss"
     assert config["sampler"]["_target_"] == "ddpm.diffusion.samplers.FlowSampler"
     assert len(list((run_dir / "loss_by_t").glob("step=*.png"))) == 2
