@@ -196,15 +196,18 @@ def main() -> None:
             args.out,
         )
         return
+    other_seeds = {  # the fixed and the learned weighting trained with other seeds
+        (name, seed): load_module(walls[f"{run}_seed{seed}"]["ckpt"])
+        for seed in args.train_seeds
+        for name, run in (("unguided", "main"), ("learned_weighting", "learned"))
+    }
     for seed in args.seeds:
         nfe = sampler.nfe(main_module.schedule)
         unguided = {"guide": None, "weight": 1.0, "steps": base_steps, "nfe": nfe}
         for name, module in (("unguided", main_module), ("learned_weighting", learned)):
             record(name, seed, module, unguided, grid=True)
-        for train_seed in args.train_seeds:
-            for name, run in (("unguided", "main"), ("learned_weighting", "learned")):
-                module = load_module(walls[f"{run}_seed{train_seed}"]["ckpt"])
-                record(f"{name} (train seed {train_seed})", seed, module, unguided)
+        for (name, train_seed), module in other_seeds.items():
+            record(f"{name} (train seed {train_seed})", seed, module, unguided)
         for steps in (13, 15, 20):  # equal NFE (20 steps: 39 vs 38) and equal time
             sampler.steps = steps
             record(
